@@ -1,0 +1,288 @@
+"""RoutingPlan: which expert each token uses, and the expert-contiguous token order, built once per forward.
+
+Token types never change across layers, so a plan is built once from ``token_type_ids`` and handed to every layer.
+Hidden states can then live in *routed order* (all vision rows, then all language rows) and every routed linear is
+a GEMM over two contiguous row ranges.
+
+Routed order covers all ``B*L`` positions, padding included (padding is computed like any token and ignored, as in
+HF), so every shape is static and the build needs no host synchronisation. The only host sync a plan ever makes is
+in :attr:`RoutingPlan.host_counts` (one ``.tolist()``, cached), used by code that needs expert sizes on the host
+(the ``torch`` GEMM backend, packing for varlen attention).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+LANGUAGE_TOKEN_TYPE = 0
+VISION_TOKEN_TYPE = 1
+VISION, LANGUAGE = 0, 1  # expert index: weights are ordered (vision, language) everywhere in this package
+
+
+def _check_token_type_ids(token_type_ids: torch.Tensor) -> torch.Tensor:
+    if not isinstance(token_type_ids, torch.Tensor):
+        raise TypeError(f"token_type_ids must be a torch.Tensor, got {type(token_type_ids).__name__}")
+    if token_type_ids.dtype in (torch.bool,) or token_type_ids.is_floating_point() or token_type_ids.is_complex():
+        raise TypeError(f"token_type_ids must be an integer tensor (0 = language, 1 = vision), got {token_type_ids.dtype}")
+    if token_type_ids.dim() == 1:
+        token_type_ids = token_type_ids.unsqueeze(0)
+    if token_type_ids.dim() != 2:
+        raise ValueError(f"token_type_ids must have shape [B, L], got {tuple(token_type_ids.shape)}")
+    if token_type_ids.numel() == 0:
+        raise ValueError(f"token_type_ids must not be empty, got shape {tuple(token_type_ids.shape)}")
+    bad = (token_type_ids != LANGUAGE_TOKEN_TYPE) & (token_type_ids != VISION_TOKEN_TYPE)
+    if token_type_ids.device.type == "cpu":
+        if bool(bad.any()):
+            raise ValueError("token_type_ids may only hold 0 (language) or 1 (vision); found "
+                             f"{sorted(set(token_type_ids[bad].tolist()))[:5]}")
+    else:  # device-side assert: no host sync on the hot path
+        torch._assert_async(~bad.any(), "token_type_ids may only hold 0 (language) or 1 (vision)")
+    return token_type_ids
+
+
+def _check_keep_mask(attention_mask, shape, device, name="attention_mask") -> Optional[torch.Tensor]:
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(attention_mask).__name__}")
+    if attention_mask.dim() == 1 and len(shape) == 2 and shape[0] == 1:
+        attention_mask = attention_mask.unsqueeze(0)
+    if tuple(attention_mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must be a 2-D keep mask of shape {tuple(shape)} (1 keep, 0 pad), "
+                         f"got {tuple(attention_mask.shape)}; pass 4-D additive masks to the layer, not the plan")
+    if attention_mask.device != device:
+        raise ValueError(f"{name} is on {attention_mask.device} but token_type_ids is on {device}")
+    return attention_mask != 0
+
+
+def expert_vision_mask(token_type_ids: torch.Tensor, same_segment_as_next: Optional[torch.Tensor] = None):
+    """HF rule: a token uses the vision expert iff it and the NEXT token are vision tokens (so eoi, and any vision
+    token last in its row, use the language expert)."""
+    tt = token_type_ids
+    vision = torch.zeros_like(tt, dtype=torch.bool)
+    vision[:, :-1] = (tt[:, :-1] == VISION_TOKEN_TYPE) & (tt[:, 1:] == VISION_TOKEN_TYPE)
+    if same_segment_as_next is not None:
+        vision[:, :-1] &= same_segment_as_next
+    return vision
+
+
+def build_position_ids(token_type_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                       same_segment_as_next: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """HF ``build_position_ids``: bos 0, boi 1, all patches share 2, eoi 3, text 4, 5, ...
+
+    Masked positions count as type -1 (so left padding sits at 0 and the first real token gets 1, as in HF).
+    With ``same_segment_as_next`` (packed sequences) rows restart at each segment start.
+    """
+    tmp = token_type_ids.clone()
+    if attention_mask is not None:
+        tmp[~attention_mask] = -1
+    L, V = LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
+    if same_segment_as_next is None:
+        starts_prev = torch.zeros_like(tmp[:, 1:], dtype=torch.bool)  # position j (>0) starts a new segment
+    else:
+        starts_prev = ~same_segment_as_next
+    prev, cur, nxt = tmp[:, :-1], tmp[:, 1:], tmp[:, :-1]
+    is_boi_eoi = torch.zeros_like(tmp, dtype=torch.bool)
+    # boi: vision after language (or vision first in its row/segment)
+    is_boi_eoi[:, 1:] |= (cur == V) & ((prev == L) | starts_prev)
+    is_boi_eoi[:, 0] |= tmp[:, 0] == V
+    # eoi: vision before language (or vision last in its row/segment)
+    is_boi_eoi[:, :-1] |= (nxt == V) & ((tmp[:, 1:] == L) | starts_prev)
+    is_boi_eoi[:, -1] |= tmp[:, -1] == V
+    tmp[is_boi_eoi] = L
+    step = torch.zeros_like(tmp, dtype=torch.long)
+    step[:, 1:] = ((cur_ := tmp[:, 1:]) == L) | ((cur_ == V) & (tmp[:, :-1] == L))
+    if same_segment_as_next is None:
+        return step.cumsum(-1)
+    # packed: restart the count at every segment start (segment start gets 0, like column 0 of a row)
+    step[:, 1:] = torch.where(starts_prev, torch.zeros_like(step[:, 1:]), step[:, 1:])
+    total = step.cumsum(-1)
+    start_flag = torch.ones_like(tmp, dtype=torch.bool)
+    start_flag[:, 1:] = starts_prev
+    idx = torch.arange(tmp.shape[1], device=tmp.device).expand_as(tmp)
+    seg_start = torch.where(start_flag, idx, torch.zeros_like(idx)).cummax(-1).values
+    return total - total.gather(1, seg_start)
+
+
+def _image_span_ids(token_type_ids: torch.Tensor, keep: Optional[torch.Tensor],
+                    same_segment_as_next: Optional[torch.Tensor]) -> torch.Tensor:
+    """int32 [B, L]: 0 for non-image tokens, else a per-row id (1, 2, ...) of the contiguous run of type-1 tokens
+    (boi, patches, eoi) the token belongs to. Used for bidirectional attention inside each image."""
+    is_img = token_type_ids == VISION_TOKEN_TYPE
+    if keep is not None:
+        is_img = is_img & keep
+    starts = is_img.clone()
+    cont = is_img[:, :-1]
+    if same_segment_as_next is not None:
+        cont = cont & same_segment_as_next
+    starts[:, 1:] &= ~cont
+    ids = starts.to(torch.int32).cumsum(-1, dtype=torch.int32)
+    return torch.where(is_img, ids, torch.zeros_like(ids))
+
+
+@dataclass(eq=False)
+class RoutingPlan:
+    """Everything routing needs, computed once per forward on the tokens' device.
+
+    Shapes (``T = B * L``, all positions including padding):
+      token_type_ids  int64 [B, L]     0 language, 1 vision (as given)
+      vision_mask     bool  [B, L]     HF expert rule; ``language_mask = ~vision_mask``
+      attention_mask  bool  [B, L]     keep mask (None = no padding)
+      position_ids    int64 [B, L]     HF ``build_position_ids``
+      perm            int64 [T]        routed row -> flat sequence index ``b*L + l`` (vision rows first, stable)
+      inv_perm        int64 [T]        flat sequence index -> routed row
+      expert_counts   int64 [2]        (vision, language) on the device
+      expert_offsets  int32 [3]        (0, n_vision, T) on the device: row ranges of the two experts
+      routed_position_ids int64 [T]    position id of each routed row
+      image_span_ids  int32 [B, L]     0 outside images, else id of the contiguous image run in its row
+      seq_lens        int32 [B]        tokens kept per row (L without a mask)
+      cu_seqlens      int32 [B+1]      prefix sums of seq_lens, for varlen (packed) attention
+      seq_idx         int32 [B, L]     for packed input built with ``cu_seqlens``: segment of each token
+    """
+
+    token_type_ids: torch.Tensor
+    vision_mask: torch.Tensor
+    attention_mask: Optional[torch.Tensor]
+    position_ids: torch.Tensor
+    perm: torch.Tensor
+    inv_perm: torch.Tensor
+    expert_counts: torch.Tensor
+    expert_offsets: torch.Tensor
+    routed_position_ids: torch.Tensor
+    image_span_ids: torch.Tensor
+    seq_lens: torch.Tensor
+    cu_seqlens: torch.Tensor
+    packed_cu_seqlens: Optional[torch.Tensor] = None
+    _host_counts: Optional[tuple] = field(default=None, repr=False)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def build(cls, token_type_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+              cu_seqlens: Optional[torch.Tensor] = None) -> "RoutingPlan":
+        """Build the plan for one forward.
+
+        Args:
+            token_type_ids: int [B, L] (or [L]): 0 language, 1 vision.
+            attention_mask: optional keep mask [B, L] (1/True keep, 0/False padding; left or right padding).
+            cu_seqlens: optional int [S+1] for *packed* input: ``token_type_ids`` is [1, total] (or [total]) holding
+                S sequences back to back; the expert rule and position ids then restart at each sequence.
+        No host synchronisation happens here (on CUDA, invalid token types trip a device-side assert).
+        """
+        tt = _check_token_type_ids(token_type_ids).long()
+        keep = _check_keep_mask(attention_mask, tt.shape, tt.device)
+        same_seg = None
+        packed = None
+        if cu_seqlens is not None:
+            if tt.shape[0] != 1:
+                raise ValueError(f"with cu_seqlens, token_type_ids must be packed as [1, total] or [total], got "
+                                 f"{tuple(token_type_ids.shape)}")
+            if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
+                    or cu_seqlens.is_floating_point():
+                raise ValueError("cu_seqlens must be a 1-D integer tensor [S+1] starting at 0 and ending at total")
+            packed = cu_seqlens.to(device=tt.device, dtype=torch.int32)
+            if packed.device.type == "cpu":
+                if int(packed[0]) != 0 or int(packed[-1]) != tt.shape[1] or bool((packed[1:] < packed[:-1]).any()):
+                    raise ValueError(f"cu_seqlens must be non-decreasing from 0 to total={tt.shape[1]}, got "
+                                     f"{packed.tolist()}")
+            pos = torch.arange(tt.shape[1], device=tt.device)
+            seg = torch.searchsorted(packed[1:].contiguous(), pos, right=True)
+            same_seg = (seg[1:] == seg[:-1]).unsqueeze(0)
+        vision = expert_vision_mask(tt, same_seg)
+        if keep is not None:
+            # padding must never pull a neighbour into the vision expert: HF does not do this for left pads, but a
+            # pad is never type 1 in HF batches; the rule above already uses raw token types, as HF does.
+            pass
+        position_ids = build_position_ids(tt, keep, same_seg)
+        B, L = tt.shape
+        flat_vision = vision.reshape(-1)
+        # stable partition: vision rows first, each expert keeps sequence order (a stable sort of a 0/1 key)
+        perm = torch.argsort((~flat_vision).to(torch.int8), stable=True)
+        inv_perm = torch.empty_like(perm)
+        inv_perm[perm] = torch.arange(perm.numel(), device=perm.device)
+        n_vision = flat_vision.sum()
+        counts = torch.stack([n_vision, flat_vision.numel() - n_vision])
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+        seq_lens = (keep.sum(-1) if keep is not None else torch.full((B,), L, device=tt.device)).to(torch.int32)
+        cu = torch.zeros(B + 1, dtype=torch.int32, device=tt.device)
+        cu[1:] = seq_lens.cumsum(0)
+        return cls(token_type_ids=tt, vision_mask=vision, attention_mask=keep, position_ids=position_ids,
+                   perm=perm, inv_perm=inv_perm, expert_counts=counts, expert_offsets=offsets,
+                   routed_position_ids=position_ids.reshape(-1)[perm], image_span_ids=_image_span_ids(tt, keep, same_seg),
+                   seq_lens=seq_lens, cu_seqlens=packed if packed is not None else cu, packed_cu_seqlens=packed)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def batch_size(self) -> int:
+        return self.token_type_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.token_type_ids.shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_type_ids.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.token_type_ids.device
+
+    @property
+    def language_mask(self) -> torch.Tensor:
+        return ~self.vision_mask
+
+    @property
+    def is_language_only(self) -> bool:
+        """Statically known language-only plan (L == 1: the last token of a row is always language, e.g. decode)."""
+        return self.seq_len == 1 and self.packed_cu_seqlens is None
+
+    @property
+    def host_counts(self) -> tuple:
+        """(n_vision, n_language, max_seqlen) as Python ints. THE one host sync of a plan (cached)."""
+        if self._host_counts is None:
+            if self.is_language_only:
+                self._host_counts = (0, self.num_tokens, 1)
+            else:
+                seg = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+                vals = torch.cat([self.expert_counts, seg.max().reshape(1).long()]).tolist()
+                self._host_counts = tuple(int(v) for v in vals)
+        return self._host_counts
+
+    @property
+    def num_vision(self) -> int:
+        return self.host_counts[0]
+
+    @property
+    def max_seqlen(self) -> int:
+        return self.host_counts[2]
+
+    # ------------------------------------------------------------------ layout changes
+    def permute(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, ...] or [T, ...] in sequence order -> [T, ...] in routed order (a gather copy)."""
+        flat = self._flatten(x, "x")
+        return flat.index_select(0, self.perm)
+
+    def unpermute(self, y: torch.Tensor) -> torch.Tensor:
+        """[T, ...] in routed order -> [B, L, ...] in sequence order (a gather copy)."""
+        if y.shape[0] != self.num_tokens:
+            raise ValueError(f"y must have {self.num_tokens} rows in routed order (B*L), got shape {tuple(y.shape)}")
+        if y.device != self.device:
+            raise ValueError(f"y is on {y.device} but the plan is on {self.device}")
+        return y.index_select(0, self.inv_perm).reshape(self.batch_size, self.seq_len, *y.shape[1:])
+
+    def _flatten(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        if x.device != self.device:
+            raise ValueError(f"{name} is on {x.device} but the plan is on {self.device}")
+        if x.dim() >= 2 and tuple(x.shape[:2]) == (self.batch_size, self.seq_len):
+            return x.reshape(self.num_tokens, *x.shape[2:])
+        if x.shape[0] == self.num_tokens:
+            return x
+        raise ValueError(f"{name} must have shape [B={self.batch_size}, L={self.seq_len}, ...] or "
+                         f"[T={self.num_tokens}, ...], got {tuple(x.shape)}")
+
+    def to(self, device) -> "RoutingPlan":
+        kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()
+              if k != "_host_counts"}
+        return RoutingPlan(**kw)
