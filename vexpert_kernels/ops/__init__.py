@@ -1,0 +1,1 @@
+"""Functional ops (kernels -> launcher -> autograd -> torch.library registration), one file per op."""
