@@ -12,9 +12,3 @@ def _seed():
     torch.manual_seed(0)
     yield
 
-
-def rel_err(out, ref):
-    """||out - ref|| / ||ref|| in float64."""
-    out = out.detach().double()
-    ref = ref.detach().double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
