@@ -23,6 +23,7 @@ class VisualExpertConfig:
     language_qkv_bias: bool = False
     max_position_embeddings: int = 2048
     rope_position_dtype: object = None  # None (fp32) or torch.bfloat16 / torch.float16 for the HF quirk
+    image_attention: str = "causal"     # "causal" (CogVLM) or "bidirectional" inside each contiguous image span
 
     def __post_init__(self):
         for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
@@ -39,6 +40,14 @@ class VisualExpertConfig:
         if self.head_dim % 2:
             raise ValueError(f"VisualExpertConfig head_dim (hidden_size / num_attention_heads = {self.head_dim}) "
                              "must be even for rotary embeddings")
+        if self.image_attention not in ("causal", "bidirectional"):
+            raise ValueError(f"VisualExpertConfig.image_attention must be 'causal' or 'bidirectional', got "
+                             f"{self.image_attention!r}")
+        if self.rope_position_dtype is not None:
+            import torch
+            if self.rope_position_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+                raise ValueError("VisualExpertConfig.rope_position_dtype must be None, torch.bfloat16, torch.float16 "
+                                 f"or torch.float32, got {self.rope_position_dtype!r}")
         if not self.rms_norm_eps > 0:
             raise ValueError(f"VisualExpertConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
         if not self.rope_theta > 0:
