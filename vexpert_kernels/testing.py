@@ -25,3 +25,25 @@ def random_token_types(batch: int, length: int, *, images_per_row=(0, 2), image_
             s = int(torch.randint(0, length - n + 1, (1,), generator=g))
             tt[b, s:s + n] = 1
     return tt
+
+
+def synthetic_batch(batch, length, vocab, hidden, image_len, generator, device):
+    """A learnable mixed image/text batch: [bos] image(image_len) text..., where text counts up by an offset (1 or
+    2) chosen by the sign of the image features' mean. Returns input_ids, token_type_ids, image_features, labels."""
+    tt = torch.zeros(batch, length, dtype=torch.long)
+    ids = torch.zeros(batch, length, dtype=torch.long)
+    feats = []
+    for b in range(batch):
+        start = 1
+        tt[b, start:start + image_len] = 1
+        f = torch.randn(image_len, hidden, generator=generator)
+        offset = 1 if f.mean() > 0 else 2
+        feats.append(f)
+        tok = int(torch.randint(0, vocab, (1,), generator=generator))
+        for i in range(start + image_len, length):
+            ids[b, i] = tok
+            tok = (tok + offset) % vocab
+    labels = ids.clone()
+    labels[tt == 1] = -100
+    labels[:, : 1 + image_len + 1] = -100  # the first text token is random
+    return ids.to(device), tt.to(device), torch.cat(feats).to(device), labels.to(device)

@@ -1,0 +1,263 @@
+"""The fused visual-expert layer: a drop-in for HF ``CogVLMDecoderLayer``, plus a stack that stays in routed order.
+
+Data flow of one layer (hidden states in routed order ``[T, D]``, see RoutingPlan)::
+
+    h = rmsnorm(x)                                     ops.rmsnorm (Triton/CUDA/torch)
+    q, k, v = routed_qkv_rope(h)                       grouped GEMM; epilogue: bias, RoPE, store in [B, heads, L, hd]
+    o = mixed_attention(q, k, v)                       sequence order; causal or bidirectional images; padding
+    x = x + routed_linear(permute(o))                  grouped GEMM; epilogue: residual
+    x = x + routed_linear(routed_swiglu(rmsnorm(x)))   grouped GEMMs; epilogues: silu(g)*u, residual
+
+Parameters live in the same submodules as HF (``self_attn.vision_expert_query_key_value`` ...), so state dicts are
+HF-compatible both ways and ``patch_cogvlm`` can share an HF layer's modules without copying. Projections that are not
+plain ``nn.Linear`` (e.g. PEFT/LoRA wrappers) are called as modules on the two contiguous expert slices instead.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._triton_compat import triton_usable_for
+from .config import VisualExpertConfig
+from .reference import (RMSNorm, VisionExpertAttention, VisionExpertMLP, _check_forward_args, apply_rotary,
+                        default_position_ids)
+from .routing import RoutingPlan
+
+
+def _plain_linear(module) -> bool:
+    return type(module) is nn.Linear
+
+
+def _get(modules: dict, name: str, make):
+    return modules[name] if modules.get(name) is not None else make()
+
+
+def _routed_modules(x, mod_vision, mod_language, plan, residual=None):
+    """Generic path for wrapped projections: call each expert's module on its contiguous row range."""
+    nv = plan.num_vision
+    y = torch.cat([mod_vision(x[:nv]), mod_language(x[nv:])], 0)
+    return y if residual is None else residual + y
+
+
+class VisualExpertBlock(nn.Module):
+    """Fused CogVLM decoder layer. Same parameter names, state-dict keys and forward signature as HF (and as
+    :class:`vexpert_kernels.reference.VisualExpertBlock`), plus ``plan=`` to share one RoutingPlan across layers.
+
+    backend: ``"auto"`` (Triton kernels on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1``; plain
+    PyTorch otherwise), ``"triton"`` or ``"torch"``. ``attention_backend`` is passed to ``ops.mixed_attention``.
+    The path used by the last forward is in ``block.backend``.
+    """
+
+    def __init__(self, config: VisualExpertConfig, *, backend: str = "auto", attention_backend: str = "auto",
+                 _modules: Optional[dict] = None):
+        super().__init__()
+        if backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        self.config = config
+        self.hidden_size = config.hidden_size
+        self.requested_backend = backend
+        self.attention_backend = attention_backend
+        m = _modules or {}
+        self.self_attn = _get(m, "self_attn", lambda: VisionExpertAttention(config))
+        self.mlp = _get(m, "mlp", lambda: VisionExpertMLP(config))
+        self.input_layernorm = _get(m, "input_layernorm", lambda: RMSNorm(config.hidden_size, eps=config.rms_norm_eps))
+        self.post_attention_layernorm = _get(m, "post_attention_layernorm",
+                                             lambda: RMSNorm(config.hidden_size, eps=config.rms_norm_eps))
+        self._last_backend = None
+
+    @classmethod
+    def from_hf_layer(cls, layer: nn.Module, config: VisualExpertConfig, **kwargs) -> "VisualExpertBlock":
+        """Wrap an HF ``CogVLMDecoderLayer``'s submodules (shared, not copied)."""
+        return cls(config, _modules=dict(self_attn=layer.self_attn, mlp=layer.mlp,
+                                         input_layernorm=layer.input_layernorm,
+                                         post_attention_layernorm=layer.post_attention_layernorm), **kwargs)
+
+    # ------------------------------------------------------------------ which path
+    @property
+    def backend(self) -> str:
+        """Kernel path of the last forward (before any forward: the path the parameters' device would take)."""
+        if self._last_backend is not None:
+            return self._last_backend
+        return self._resolve_backend(self.input_layernorm.weight)
+
+    def _resolve_backend(self, x: torch.Tensor) -> str:
+        if self.requested_backend == "torch":
+            return "torch"
+        usable = triton_usable_for(x)
+        if self.requested_backend == "triton" and not usable:
+            raise RuntimeError("VisualExpertBlock(backend='triton') needs CUDA tensors, or CPU tensors with "
+                               "TRITON_INTERPRET=1 set before triton is imported")
+        return "triton" if usable else "torch"
+
+    # ------------------------------------------------------------------ HF-signature forward
+    def forward(self, hidden_states, token_type_ids, position_ids=None, attention_mask=None, past_key_value=None,
+                output_attentions=False, use_cache=False, plan: Optional[RoutingPlan] = None):
+        """hidden_states [B, L, D]; token_type_ids [B, L]; position_ids [B, L] (HF rule when None); attention_mask
+        None | 2-D keep [B, past+L] | 4-D additive [B, 1, L, past+L]; past_key_value (k, v) [B, KV, past, hd].
+        Returns ``(hidden_states,)`` (+ ``(None,)`` if output_attentions) (+ ``(present,)`` if use_cache)."""
+        token_type_ids = _check_forward_args(hidden_states, token_type_ids, self.hidden_size)
+        B, L, _ = hidden_states.shape
+        if position_ids is None:
+            position_ids = default_position_ids(token_type_ids, attention_mask, past_key_value)
+        if L == 1 and plan is None:
+            # decode: the last token of a row always uses the language expert -> dense path, no routing work
+            out, present = self._forward_language_only(hidden_states, position_ids, attention_mask, past_key_value,
+                                                       use_cache)
+        else:
+            if plan is None:
+                keep = attention_mask[:, -L:] if attention_mask is not None and attention_mask.dim() == 2 else None
+                plan = RoutingPlan.build(token_type_ids, keep)
+            elif tuple(plan.token_type_ids.shape) != (B, L):
+                raise ValueError(f"plan was built for [B, L] = {tuple(plan.token_type_ids.shape)}, "
+                                 f"hidden_states has {(B, L)}")
+            x = plan.permute(hidden_states)
+            x, present = self.forward_routed(x, plan, position_ids=position_ids, attention_mask=attention_mask,
+                                             past_key_value=past_key_value, use_cache=use_cache)
+            out = plan.unpermute(x)
+        outputs = (out,)
+        if output_attentions:
+            outputs += (None,)  # like HF's VisionExpertAttention, which never returns weights
+        if use_cache:
+            outputs += (present,)
+        return outputs
+
+    # ------------------------------------------------------------------ routed-order forward (used by the stack)
+    def forward_routed(self, x: torch.Tensor, plan: RoutingPlan, *, position_ids=None, attention_mask=None,
+                       past_key_value=None, use_cache=False):
+        """x [T, D] in the plan's routed order -> (x' [T, D] routed, present_key_value or None)."""
+        from .ops import mixed_attention, rmsnorm, routed_linear, routed_swiglu
+
+        cfg, attn, mlp = self.config, self.self_attn, self.mlp
+        backend = self._resolve_backend(x)
+        self._last_backend = backend
+        gemm_backend = "triton" if backend == "triton" else "torch"
+        norm_backend = "triton" if backend == "triton" else "torch"
+        B, L = plan.batch_size, plan.seq_len
+        H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+        h = rmsnorm(x, self.input_layernorm.weight, cfg.rms_norm_eps, backend=norm_backend)
+        positions = plan.routed_position_ids if position_ids is None else position_ids.reshape(-1)[plan.perm]
+        q, k, v = self._qkv(h, plan, positions, gemm_backend)
+        if past_key_value is not None:
+            k = torch.cat([past_key_value[0], k], dim=2)
+            v = torch.cat([past_key_value[1], v], dim=2)
+        present = (k, v) if use_cache else None
+        key_padding_mask, attn_bias = self._masks(attention_mask, plan, k.shape[2])
+        spans = plan.image_span_ids if cfg.image_attention == "bidirectional" else None
+        o = mixed_attention(q, k, v, key_padding_mask=key_padding_mask, image_span_ids=spans,
+                            image_attention=cfg.image_attention, attn_bias=attn_bias, backend=self.attention_backend)
+        o = plan.permute(o.transpose(1, 2).reshape(B, L, H * hd))
+
+        dv, dl = attn.vision_expert_dense, attn.language_expert_dense
+        if _plain_linear(dv) and _plain_linear(dl):
+            x = routed_linear(o, dv.weight, dl.weight, plan, residual=x, backend=gemm_backend)
+        else:
+            x = _routed_modules(o, dv, dl, plan, residual=x)
+
+        h = rmsnorm(x, self.post_attention_layernorm.weight, cfg.rms_norm_eps, backend=norm_backend)
+        mv, ml = mlp.vision_mlp, mlp.language_mlp
+        projs = [mv.gate_proj, mv.up_proj, mv.down_proj, ml.gate_proj, ml.up_proj, ml.down_proj]
+        if all(_plain_linear(p) for p in projs):
+            a = routed_swiglu(h, mv.gate_proj.weight, mv.up_proj.weight, ml.gate_proj.weight, ml.up_proj.weight, plan,
+                              backend=gemm_backend)
+            x = routed_linear(a, mv.down_proj.weight, ml.down_proj.weight, plan, residual=x, backend=gemm_backend)
+        else:
+            x = _routed_modules(h, mv, ml, plan, residual=x)
+        return x, present
+
+    def _qkv(self, h, plan, positions, gemm_backend):
+        from .ops import routed_qkv_rope
+
+        cfg, attn = self.config, self.self_attn
+        qv, ql = attn.vision_expert_query_key_value, attn.language_expert_query_key_value
+        if _plain_linear(qv) and _plain_linear(ql):
+            return routed_qkv_rope(h, qv.weight, ql.weight, plan, num_heads=cfg.num_attention_heads,
+                                   num_kv_heads=cfg.num_key_value_heads, rope_theta=cfg.rope_theta,
+                                   bias_vision=qv.bias, bias_language=ql.bias, positions=positions,
+                                   position_dtype=cfg.rope_position_dtype, backend=gemm_backend)
+        qkv = plan.unpermute(_routed_modules(h, qv, ql, plan))
+        pos = positions.new_empty(plan.num_tokens)
+        pos[plan.perm] = positions
+        return self._split_rope(qkv, pos.view(plan.batch_size, plan.seq_len))
+
+    def _split_rope(self, qkv, position_ids):
+        cfg = self.config
+        B, L, _ = qkv.shape
+        H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q, k, v = torch.split(qkv, [H * hd, KV * hd, KV * hd], dim=-1)
+        q = q.view(B, L, H, hd).transpose(1, 2)
+        k = k.view(B, L, KV, hd).transpose(1, 2)
+        v = v.view(B, L, KV, hd).transpose(1, 2).contiguous()
+        cos, sin = self.self_attn.rotary_emb.cos_sin(position_ids, q.dtype)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    @staticmethod
+    def _masks(attention_mask, plan, kv_len):
+        """(key_padding_mask [B, kv_len] bool or None, additive 4-D bias or None)."""
+        if attention_mask is None:
+            if plan is not None and plan.attention_mask is not None and kv_len == plan.seq_len:
+                return plan.attention_mask, None
+            return None, None
+        if attention_mask.dim() == 4:
+            return None, attention_mask
+        if attention_mask.dim() != 2 or attention_mask.shape[-1] != kv_len:
+            raise ValueError(f"attention_mask must be a 2-D keep mask [B, past+L={kv_len}] or a 4-D additive mask, "
+                             f"got {tuple(attention_mask.shape)}")
+        return attention_mask != 0, None
+
+    # ------------------------------------------------------------------ decode
+    def _forward_language_only(self, hidden_states, position_ids, attention_mask, past_key_value, use_cache):
+        from .ops import mixed_attention
+
+        cfg, attn, mlp = self.config, self.self_attn, self.mlp.language_mlp
+        B, L, _ = hidden_states.shape
+        self._last_backend = "dense-language"
+        h = self.input_layernorm(hidden_states)
+        q, k, v = self._split_rope(attn.language_expert_query_key_value(h), position_ids)
+        if past_key_value is not None:
+            k = torch.cat([past_key_value[0], k], dim=2)
+            v = torch.cat([past_key_value[1], v], dim=2)
+        present = (k, v) if use_cache else None
+        key_padding_mask, attn_bias = self._masks(attention_mask, None, k.shape[2])
+        o = mixed_attention(q, k, v, key_padding_mask=key_padding_mask, attn_bias=attn_bias,
+                            backend=self.attention_backend)
+        x = hidden_states + attn.language_expert_dense(o.transpose(1, 2).reshape(B, L, -1))
+        h = self.post_attention_layernorm(x)
+        x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+        return x, present
+
+
+class VisualExpertStack(nn.Module):
+    """N fused layers that permute once at the start, stay in routed order, and un-permute once at the end."""
+
+    def __init__(self, config: VisualExpertConfig, num_layers: int, **block_kwargs):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(VisualExpertBlock(config, **block_kwargs) for _ in range(num_layers))
+
+    def forward(self, hidden_states, token_type_ids, position_ids=None, attention_mask=None, plan=None):
+        return visual_expert_layers(self.layers, hidden_states, token_type_ids, position_ids=position_ids,
+                                    attention_mask=attention_mask, plan=plan)
+
+
+def visual_expert_layers(layers, hidden_states, token_type_ids, *, position_ids=None, attention_mask=None,
+                         plan: Optional[RoutingPlan] = None, checkpoint: bool = False):
+    """Run fused layers over [B, L, D] with ONE RoutingPlan and one permute/unpermute pair (no KV cache).
+
+    ``checkpoint=True`` recomputes each layer in backward (torch.utils.checkpoint)."""
+    token_type_ids = _check_forward_args(hidden_states, token_type_ids, hidden_states.shape[-1])
+    if plan is None:
+        keep = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        plan = RoutingPlan.build(token_type_ids, keep)
+    x = plan.permute(hidden_states)
+    for layer in layers:
+        if checkpoint:
+            x = torch.utils.checkpoint.checkpoint(
+                lambda t, lyr=layer: lyr.forward_routed(t, plan, position_ids=position_ids,
+                                                        attention_mask=attention_mask)[0], x, use_reentrant=False)
+        else:
+            x, _ = layer.forward_routed(x, plan, position_ids=position_ids, attention_mask=attention_mask)
+    return plan.unpermute(x)

@@ -1,0 +1,3 @@
+from .hf import config_from_hf_layer, patch_cogvlm
+
+__all__ = ["patch_cogvlm", "config_from_hf_layer"]
