@@ -4,3 +4,8 @@ from vexpert_kernels.ops.attention import (  # noqa: E402,F401
     mixed_attention,
     mixed_attention_varlen,
 )
+from vexpert_kernels.ops.routed_linear import (  # noqa: E402,F401
+    routed_linear,
+    routed_qkv_rope,
+    routed_swiglu,
+)
