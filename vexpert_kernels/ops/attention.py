@@ -134,6 +134,7 @@ class _Request:
     bias: bool
     need_lse: bool
     varlen: bool
+    grad: bool = False   # any of q/k/v requires grad
 
     @property
     def feature(self) -> str:
@@ -176,6 +177,8 @@ def _unsupported_reason(backend: str, r: _Request) -> Optional[str]:
     if backend == "flex":
         if r.varlen:
             return "flex is wired for the padded layout only in this package"
+        if r.device == "cpu" and r.grad:
+            return "flex_attention has no backward on CPU (inputs require grad)"
         if r.device == "cpu" and _torch_version() < (2, 6):
             return f"flex_attention on CPU needs torch >= 2.6, this is torch {torch.__version__}"
         if r.dtype == torch.float64 and r.device == "cuda":
@@ -399,6 +402,10 @@ def _check_span(name, span, shape, device):
     return span
 
 
+def _needs_grad(q, k, v) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
 def _default_scale(softmax_scale, hd):
     if softmax_scale is None:
         return 1.0 / math.sqrt(hd)
@@ -460,7 +467,7 @@ def mixed_attention(q, k, v, plan=None, *, key_padding_mask=None, image_span_ids
     scale = _default_scale(softmax_scale, hd)
     req = _Request(device=q.device.type, dtype=q.dtype, head_dim=hd, gqa=H != KV, kv_offset=Lk > Lq,
                    padding=key_padding_mask is not None, bidir=bidir, bias=attn_bias is not None,
-                   need_lse=bool(return_lse), varlen=False)
+                   need_lse=bool(return_lse), varlen=False, grad=_needs_grad(q, k, v))
     name = _select_backend(backend, req)
 
     if name == "triton":
@@ -516,7 +523,7 @@ def mixed_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     total_q, H, hd = q.shape
     scale = _default_scale(softmax_scale, hd)
     req = _Request(device=q.device.type, dtype=q.dtype, head_dim=hd, gqa=H != k.shape[1], kv_offset=True,
-                   padding=False, bidir=bidir, bias=False, need_lse=bool(return_lse), varlen=True)
+                   padding=False, bidir=bidir, bias=False, need_lse=bool(return_lse), varlen=True, grad=_needs_grad(q, k, v))
     name = _select_backend(backend, req)
     if name == "triton":
         out, lse = flash_attention(q, k, v, image_span_ids=image_span_ids, bidirectional=bidir, softmax_scale=scale,
