@@ -635,6 +635,7 @@ def aot_compile_specs() -> list:
                         consts = dict(ce, BLOCK_M=bm, BLOCK_N=bn)
                         for n in consts:
                             sig[n] = "constexpr"
+                        sig = {n: sig[n] for n in fn.arg_names}  # ASTSource wants the kernel's argument order
                         specs.append(CompileSpec(
                             name=f"flash_attn_{kname}[sm{cc}x,{variant},{dname},hd{hd},{bm}x{bn},w{nw}s{ns}]", fn=fn,
                             signature=sig, constexprs=consts, num_warps=nw, num_stages=ns, targets=(cc * 10,)))
