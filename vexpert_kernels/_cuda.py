@@ -65,7 +65,8 @@ def _prebuilt(arch: str) -> Optional[Path]:
         info = json.loads(meta.read_text())
     except ValueError:
         return None
-    if arch in info.get("archs", []) and (d / _cuda_build.LIB_NAME).is_file():
+    built = set(info.get("archs", []))
+    if (arch in built or arch.rstrip("a") in built) and (d / _cuda_build.LIB_NAME).is_file():
         return d / _cuda_build.LIB_NAME
     return None
 

@@ -9,3 +9,8 @@ from vexpert_kernels.ops.routed_linear import (  # noqa: E402,F401
     routed_qkv_rope,
     routed_swiglu,
 )
+from vexpert_kernels.ops.rmsnorm import (  # noqa: E402,F401
+    rmsnorm,
+    rmsnorm_permute,
+    rmsnorm_routed,
+)
