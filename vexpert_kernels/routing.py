@@ -172,6 +172,11 @@ class RoutingPlan:
         """
         tt = _check_token_type_ids(token_type_ids).long()
         keep = _check_keep_mask(attention_mask, tt.shape, tt.device)
+        if tt.is_cuda and cu_seqlens is None:
+            from ._cuda import build_plan_cuda, cuda_extension_available
+
+            if cuda_extension_available():  # csrc/routing_plan.cu: same fields in 3 launches, no sort
+                return cls(token_type_ids=tt, attention_mask=keep, **build_plan_cuda(tt, keep))
         same_seg = None
         packed = None
         if cu_seqlens is not None:
