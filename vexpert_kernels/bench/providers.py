@@ -1,0 +1,219 @@
+"""Providers of one decoder layer, all in one process on the same weights and inputs, and the measuring loop.
+
+Providers (layer / sweep cases):
+  vexpert[triton], vexpert[torch]  ``vexpert_kernels.VisualExpertBlock`` per backend, sharing the reference layer's
+                                   modules, with the RoutingPlan built once outside the timed region (``plan=``), as a
+                                   model does once per forward for all layers;
+  hf_eager                         HF-style boolean-mask routing + SDPA causal (``baselines.hf_layer``);
+  hf_reference                     ``vexpert_kernels.reference.VisualExpertBlock`` (the oracle; fp32 math attention),
+                                   timed on CPU cases only, and used on GPU for the correctness check;
+  slices_eager / slices_compiled   permuted slices (``baselines.slices_layer``) eager / ``torch.compile(dynamic=True)``;
+  dense                            a Llama layer with one weight set (``baselines.dense_layer``).
+Every provider's forward output is compared with the reference output (float64 rel. error in the record).
+Decode cases: hf_eager, vexpert[...], dense (slices == dense when every token is language).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from . import baselines as bl
+from .flops import layer_flops, tflops
+from .shapes import Case, token_type_ids
+from .timing import median_ms, peak_extra_mib
+
+
+@dataclass
+class Provider:
+    name: str
+    fn: Optional[Callable] = None          # () -> output (fwd) or None (fwd+bwd)
+    grads: list = field(default_factory=list)
+    skip: Optional[str] = None
+    backend: Optional[str] = None
+
+
+def vexpert_backends(device) -> list:
+    """Backends of the fused block worth timing here: triton where it can run (CUDA, or the CPU interpreter)."""
+    from .._triton_compat import HAS_TRITON, interpret_mode
+    out = ["torch"]
+    if HAS_TRITON and (torch.device(device).type == "cuda" or interpret_mode()):
+        out.insert(0, "triton")
+    return out
+
+
+def _fused_block_class():
+    try:
+        from .. import VisualExpertBlock  # noqa: F401
+        from ..block import VisualExpertBlock as Block
+        return Block, None
+    except Exception as exc:  # the fused block may not exist (yet) or fail to import
+        return None, f"skipped: vexpert_kernels.VisualExpertBlock not available ({exc!r})"
+
+
+_COMPILED = {}
+
+
+def compiled_slices(mode: str):
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(bl.slices_layer, dynamic=True)
+    return _COMPILED[mode]
+
+
+class LayerSetup:
+    """Weights, inputs and plan of one case, shared by all providers."""
+
+    def __init__(self, case: Case, device, dtype, seed: int = 0):
+        from ..routing import RoutingPlan
+        self.case, self.device, self.dtype = case, torch.device(device), dtype
+        self.cfg = case.config
+        self.ref, self.params = bl.make_params(self.cfg, dtype, device, seed)
+        g = torch.Generator(device="cpu").manual_seed(seed + 1)
+        B, L, D = case.batch, case.seq_len, self.cfg.hidden_size
+        self.x = torch.randn(B, L, D, generator=g).to(device=device, dtype=dtype)
+        self.dy = torch.randn(B, L, D, generator=g).to(device=device, dtype=dtype)
+        if case.kind == "decode":
+            KV, hd = self.cfg.num_key_value_heads, self.cfg.head_dim
+            self.tt = torch.zeros(B, L, dtype=torch.long, device=device)
+            self.past = tuple(torch.randn(B, KV, case.past, hd, generator=g).to(device=device, dtype=dtype)
+                              for _ in range(2))
+            self.pos = torch.full((B, L), case.past + 3, dtype=torch.long, device=device)
+            self.plan = None
+        else:
+            self.tt = token_type_ids(case, device)
+            self.plan = RoutingPlan.build(self.tt)
+            self.pos = self.plan.position_ids
+            self.nv = self.plan.num_vision  # the plan's one host sync, outside any timing
+            self.past = None
+
+    # ------------------------------------------------------------------ forward functions (x -> out [B, L, D])
+    def forwards(self, compile_ok: bool = True) -> dict:
+        """provider name -> (forward(x) callable | None, skip reason | None, backend)."""
+        p, cfg, tt, pos = self.params, self.cfg, self.tt, self.pos
+        out = {}
+        Block, why = _fused_block_class()
+        for be in vexpert_backends(self.device):
+            name = f"vexpert[{be}]"
+            if Block is None:
+                out[name] = (None, why, be)
+                continue
+            block = Block.from_hf_layer(self.ref, cfg, backend=be)
+            if self.case.kind == "decode":
+                out[name] = (lambda x, b=block: b(x, tt, pos, past_key_value=self.past, use_cache=True)[0], None, be)
+            else:
+                out[name] = (lambda x, b=block: b(x, tt, pos, plan=self.plan)[0], None, be)
+        if self.case.kind == "decode":
+            out["hf_eager"] = (lambda x: bl.hf_layer(p, cfg, x, tt, pos, past=self.past), None, None)
+            out["dense"] = (lambda x: bl.dense_layer(p, cfg, x, pos, past=self.past), None, None)
+            return out
+        out["hf_eager"] = (lambda x: bl.hf_layer(p, cfg, x, tt, pos), None, None)
+        plan = self.plan
+        out["slices_eager"] = (lambda x: bl.slices_layer(p, cfg, x, plan.perm, plan.inv_perm, self.nv, pos), None, None)
+        if compile_ok:
+            out["slices_compiled"] = (lambda x, m=None: compiled_slices(m or "any")(p, cfg, x, plan.perm, plan.inv_perm,
+                                                                                     self.nv, pos), None, None)
+        else:
+            out["slices_compiled"] = (None, "skipped: torch.compile disabled (VEXPERT_BENCH_COMPILE=0)", None)
+        out["dense"] = (lambda x: bl.dense_layer(p, cfg, x, pos), None, None)
+        if self.device.type == "cpu":  # the oracle's fp32 math attention is no speed baseline on a GPU
+            out["hf_reference"] = (lambda x: self.ref(x, tt, pos)[0], None, None)
+        return out
+
+    def reference_output(self):
+        with torch.no_grad():
+            if self.case.kind == "decode":
+                return self.ref(self.x, self.tt, self.pos, past_key_value=self.past)[0]
+            return self.ref(self.x, self.tt, self.pos)[0]
+
+    def provider(self, name: str, forward, mode: str, skip=None, backend=None) -> Provider:
+        if skip is not None or forward is None:
+            return Provider(name, skip=skip or "skipped", backend=backend)
+        if mode in ("fwd", "decode"):
+            def fn():
+                with torch.no_grad():
+                    return forward(self.x)
+            return Provider(name, fn, backend=backend)
+        xg = self.x.detach().clone().requires_grad_(True)
+        params = [t for t in self.params.values() if t.requires_grad]
+
+        def fn():
+            forward(xg).backward(self.dy)
+        return Provider(name, fn, grads=[xg] + params, backend=backend)
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def measure(provider: Provider, *, device, flops: Optional[int], base: dict, ref_out=None,
+            rep_ms: float = 100, warmup_ms: float = 25) -> dict:
+    """Time one provider -> record (status ok / skipped / error; never raises)."""
+    rec = dict(base, provider=provider.name, backend=provider.backend, flops=flops)
+    if provider.skip:
+        rec.update(status="skipped", reason=provider.skip)
+        return rec
+    try:
+        out = provider.fn()  # first call: compile / autotune / warm caches, outside the timing
+        if ref_out is not None and isinstance(out, torch.Tensor):
+            rec["rel_err"] = rel_err(out, ref_out)
+        del out
+        ms = median_ms(provider.fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms, grad_to_none=provider.grads or None)
+        for t in provider.grads:
+            t.grad = None
+        peak = peak_extra_mib(provider.fn, device)
+        for t in provider.grads:
+            t.grad = None
+    except Exception as exc:
+        rec.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:800])
+        return rec
+    rec.update(status="ok", median_ms=ms, tflops=tflops(flops, ms) if flops else None, peak_extra_mib=peak)
+    return rec
+
+
+def case_fields(case: Case, setup: Optional[LayerSetup] = None) -> dict:
+    d = dict(case=case.id, label=case.label, model=case.model, batch=case.batch, seq_len=case.seq_len,
+             image_tokens=case.image_tokens, tokens=case.tokens, past=case.past)
+    if setup is not None and getattr(setup, "plan", None) is not None:
+        d["n_vision_rows"] = setup.nv
+    return d
+
+
+def compile_enabled(device) -> bool:
+    v = os.environ.get("VEXPERT_BENCH_COMPILE")
+    if v is not None:
+        return v not in ("0", "", "false", "no")
+    return True
+
+
+def layer_records(case: Case, modes, device, dtype, *, providers=None, rep_ms=100, warmup_ms=25,
+                  check: bool = True) -> list:
+    """Measure every provider of a case in every mode -> records (all providers in this one process)."""
+    setup = LayerSetup(case, device, dtype)
+    fwds = setup.forwards(compile_ok=compile_enabled(device))
+    ref_out = setup.reference_output() if check else None
+    recs = []
+    for mode in modes:
+        flops = layer_flops(setup.cfg, case.batch, case.seq_len, mode, past=case.past)
+        for name, (fwd, skip, be) in fwds.items():
+            if providers is not None and name not in providers:
+                continue
+            if name == "hf_reference" and mode != "fwd":
+                continue  # the oracle is timed forward only
+            if name == "slices_compiled" and fwd is not None:
+                fwd = (lambda f, m: (lambda x: f(x, m)))(fwd, mode)  # one compiled graph per mode
+            if name == "vexpert[triton]" and mode == "fwd+bwd" and torch.device(device).type == "cpu":
+                skip, fwd = "skipped: interpreter fwd+bwd too slow for the CPU budget (fwd is measured)", None
+            prov = setup.provider(name, fwd, mode, skip, be)
+            recs.append(measure(prov, device=device, flops=flops, base=dict(case_fields(case, setup), mode=mode,
+                                                                             suite=case.kind),
+                                ref_out=ref_out if mode in ("fwd", "decode") else None,
+                                rep_ms=rep_ms, warmup_ms=warmup_ms))
+    del setup
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return recs
