@@ -109,9 +109,9 @@ def test_kv_cache_prefill_and_decode():
     pos = build_position_ids(tt)
     with torch.no_grad():
         (full,) = ref(x.double(), tt)
-        y, cache = fused(x[:, :9], tt[:, :9], use_cache=True)
+        y, cache = fused(x[:, :10], tt[:, :10], use_cache=True)  # prefill ends after an image (see spec)
         outs = [y]
-        for i in range(9, tt.shape[1]):
+        for i in range(10, tt.shape[1]):
             y, cache = fused(x[:, i:i + 1], torch.zeros(1, 1, dtype=torch.long), position_ids=pos[:, i:i + 1],
                              past_key_value=cache, use_cache=True)
             assert fused.backend == "dense-language"     # decode takes the dense language-only path
