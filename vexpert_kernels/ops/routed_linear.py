@@ -117,16 +117,32 @@ if HAS_TRITON:
             rows = row_start + tl.arange(0, BLOCK_M)
             row_mask = rows < row_end
             rows64 = rows.to(tl.int64)
-            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            col_mask = cols < N
+            if EPILOGUE == 3:
+                # QKV: the tile's BLOCK_N "half columns" pair column (head, j) with (head, j + hd/2), the RoPE
+                # partner; two accumulators hold the two halves, so the rotation is elementwise (no shuffles).
+                HALF: tl.constexpr = HEAD_DIM // 2
+                hcols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+                col_mask = hcols < N // 2
+                head = hcols // HALF
+                jj = hcols % HALF
+                cols = head * HEAD_DIM + jj
+                cols2 = cols + HALF
+            else:
+                cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+                col_mask = cols < N
+                cols2 = cols
             cols64 = cols.to(tl.int64)
+            cols2_64 = cols2.to(tl.int64)
             w_base = tl.where(is_l, wl_ptr, wv_ptr)
             a_ptrs = x_ptr + rows64[:, None] * stride_xm + offs_k[None, :] * stride_xk
             b_ptrs = w_base + cols64[None, :] * stride_wn + offs_k[:, None] * stride_wk
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            if EPILOGUE == 1 or EPILOGUE == 2:
-                w2_base = tl.where(is_l, w2l_ptr, w2v_ptr)
-                b2_ptrs = w2_base + cols64[None, :] * stride_wn + offs_k[:, None] * stride_wk
+            if EPILOGUE == 1 or EPILOGUE == 2 or EPILOGUE == 3:
+                if EPILOGUE == 3:
+                    w2_base = w_base
+                else:
+                    w2_base = tl.where(is_l, w2l_ptr, w2v_ptr)
+                b2_ptrs = w2_base + cols2_64[None, :] * stride_wn + offs_k[:, None] * stride_wk
                 acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 k_mask = offs_k < K - k0
@@ -136,7 +152,7 @@ if HAS_TRITON:
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
                 acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-                if EPILOGUE == 1 or EPILOGUE == 2:
+                if EPILOGUE == 1 or EPILOGUE == 2 or EPILOGUE == 3:
                     b2 = tl.load(b2_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
                     if UPCAST_DOT:
                         b2 = b2.to(tl.float32)
@@ -155,8 +171,12 @@ if HAS_TRITON:
                     b_lim = tl.where(is_l, N, 0)
                 if not HAS_BIAS_L:
                     b_lim = tl.where(is_l, 0, N)
-                bias = tl.load(b_base + cols, mask=cols < b_lim, other=0.0)
+                b_mask = col_mask & (cols < b_lim)
+                bias = tl.load(b_base + cols, mask=b_mask, other=0.0)
                 acc += bias.to(tl.float32)[None, :]
+                if EPILOGUE == 3:
+                    bias2 = tl.load(b_base + cols2, mask=b_mask, other=0.0)
+                    acc2 += bias2.to(tl.float32)[None, :]
             if EPILOGUE == 0:
                 if HAS_RESIDUAL:
                     r = tl.load(res_ptr + rows64[:, None] * stride_rm + cols64[None, :], mask=out_mask, other=0.0)
@@ -180,43 +200,37 @@ if HAS_TRITON:
                 tl.store(out2_ptr + rows64[:, None] * stride_om + cols64[None, :],
                          du.to(out2_ptr.dtype.element_ty), mask=out_mask)
             else:
-                # QKV: the tile holds BLOCK_N // HEAD_DIM whole heads; split each head into its two halves.
-                NH: tl.constexpr = BLOCK_N // HEAD_DIM
-                HALF: tl.constexpr = HEAD_DIM // 2
-                a4 = tl.permute(tl.reshape(acc, (BLOCK_M, NH, 2, HALF)), (0, 1, 3, 2))
-                x1, x2 = tl.split(a4)                                   # [BM, NH, HALF] each
+                # QKV epilogue: acc = first halves x1, acc2 = second halves x2 of the tile's heads
                 pos = tl.load(pos_ptr + rows, mask=row_mask, other=0.0)
-                jj = tl.arange(0, HALF)
-                inv_freq = tl.load(inv_freq_ptr + jj)
+                inv_freq = tl.load(inv_freq_ptr + jj, mask=col_mask, other=0.0)
                 ang = pos[:, None] * inv_freq[None, :]                  # fp32, like HF's table
-                c = tl.cos(ang)[:, None, :]
-                s = tl.sin(ang)[:, None, :]
-                head = pid_n * NH + tl.arange(0, NH)
-                rot = (head < num_heads + num_kv_heads)[None, :, None]
-                o1 = tl.where(rot, x1 * c - x2 * s, x1)
-                o2 = tl.where(rot, x2 * c + x1 * s, x2)
+                c = tl.cos(ang)
+                s = tl.sin(ang)
+                rot = (head < num_heads + num_kv_heads)[None, :]        # v heads pass through
+                o1 = tl.where(rot, acc * c - acc2 * s, acc)
+                o2 = tl.where(rot, acc2 * c + acc * s, acc2)
                 p = tl.load(perm_ptr + rows, mask=row_mask, other=0).to(tl.int64)
                 bb = p // seq_len
                 ll = p % seq_len
                 is_q = head < num_heads
                 is_k = (head >= num_heads) & (head < num_heads + num_kv_heads)
-                is_v = (head >= num_heads + num_kv_heads) & (head < num_heads + 2 * num_kv_heads)
+                is_v = head >= num_heads + num_kv_heads
                 nh_t = tl.where(is_q, num_heads, num_kv_heads).to(tl.int64)
                 h_loc = tl.where(is_q, head, tl.where(is_k, head - num_heads, head - num_heads - num_kv_heads))
-                base = ((bb[:, None, None] * nh_t[None, :, None] + h_loc.to(tl.int64)[None, :, None]) * seq_len
-                        + ll[:, None, None]) * HEAD_DIM + jj[None, None, :]
-                rm = row_mask[:, None, None]
+                # row i lands at sequence position perm[i] = b*L + l of [B, heads, L, hd]
+                dst = ((bb[:, None] * nh_t[None, :] + h_loc.to(tl.int64)[None, :]) * seq_len
+                       + ll[:, None]) * HEAD_DIM + jj[None, :]
                 o1 = o1.to(out_ptr.dtype.element_ty)
                 o2 = o2.to(out_ptr.dtype.element_ty)
-                mq = rm & is_q[None, :, None]
-                tl.store(out_ptr + base, o1, mask=mq)
-                tl.store(out_ptr + base + HALF, o2, mask=mq)
-                mk = rm & is_k[None, :, None]
-                tl.store(k_out_ptr + base, o1, mask=mk)
-                tl.store(k_out_ptr + base + HALF, o2, mask=mk)
-                mv = rm & is_v[None, :, None]
-                tl.store(v_out_ptr + base, o1, mask=mv)
-                tl.store(v_out_ptr + base + HALF, o2, mask=mv)
+                mq = out_mask & is_q[None, :]
+                tl.store(out_ptr + dst, o1, mask=mq)
+                tl.store(out_ptr + dst + HALF, o2, mask=mq)
+                mk = out_mask & is_k[None, :]
+                tl.store(k_out_ptr + dst, o1, mask=mk)
+                tl.store(k_out_ptr + dst + HALF, o2, mask=mk)
+                mv = out_mask & is_v[None, :]
+                tl.store(v_out_ptr + dst, o1, mask=mv)
+                tl.store(v_out_ptr + dst + HALF, o2, mask=mv)
 
     @triton.jit
     def _routed_wgrad_kernel(
@@ -285,18 +299,28 @@ if HAS_TRITON:
 # for small T. Ampere (less smem: 164 KB) gets BLOCK_K 32 / fewer stages on the wide tiles.
 _GEMM_CONFIGS = {
     90: {
-        "large": (128, 256, 64, 8, 8, 3),
-        "medium": (128, 128, 64, 8, 8, 4),
-        "small": (64, 128, 64, 8, 4, 4),
-        "dual": (128, 128, 64, 8, 8, 3),        # SwiGLU: two fp32 accumulators
-        "dual_small": (64, 128, 64, 8, 4, 3),
+        "16bit": {
+            "large": (128, 256, 64, 8, 8, 3),
+            "medium": (128, 128, 64, 8, 8, 4),
+            "small": (64, 128, 64, 8, 4, 4),
+            "dual": (128, 128, 64, 8, 8, 3),        # SwiGLU / QKV: two fp32 accumulators
+            "dual_small": (64, 128, 64, 8, 4, 3),
+        },
+        # fp32 inputs run as TF32 on tensor cores (like torch's allow_tf32); fp32 tiles are twice as wide in smem
+        # and registers, so smaller tiles (tf32x3 spilled at every useful tile size: not used)
+        "fp32": {"large": (64, 128, 32, 8, 8, 3), "medium": (64, 128, 32, 8, 8, 3), "small": (64, 128, 32, 8, 8, 3),
+                 "dual": (64, 64, 32, 8, 4, 2), "dual_small": (64, 64, 32, 8, 4, 2)},
     },
     80: {
-        "large": (128, 256, 32, 8, 8, 3),
-        "medium": (128, 128, 32, 8, 4, 4),
-        "small": (64, 128, 32, 8, 4, 4),
-        "dual": (128, 128, 32, 8, 8, 3),
-        "dual_small": (64, 128, 32, 8, 4, 3),
+        "16bit": {
+            "large": (128, 256, 32, 8, 8, 3),
+            "medium": (128, 128, 32, 8, 4, 4),
+            "small": (64, 128, 32, 8, 4, 4),
+            "dual": (128, 128, 32, 8, 8, 3),
+            "dual_small": (64, 128, 32, 8, 4, 3),
+        },
+        "fp32": {"large": (64, 128, 32, 8, 8, 3), "medium": (64, 128, 32, 8, 8, 3), "small": (64, 128, 32, 8, 8, 3),
+                 "dual": (64, 128, 32, 8, 8, 3), "dual_small": (64, 128, 32, 8, 8, 3)},
     },
 }
 _WGRAD_CONFIGS = {  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -317,9 +341,10 @@ def _cc(device: torch.device) -> int:
     return 90 if major >= 9 else 80
 
 
-def _gemm_config(device, T, N, K, epilogue, head_dim=0):
-    dual = epilogue in (EPI_SWIGLU, EPI_SWIGLU_BWD)
-    table = _INTERP_GEMM if device.type == "cpu" else _GEMM_CONFIGS[_cc(device)]
+def _gemm_config(device, dtype, T, N, K, epilogue):
+    dual = epilogue in (EPI_SWIGLU, EPI_SWIGLU_BWD, EPI_QKV_ROPE)
+    table = _INTERP_GEMM if device.type == "cpu" else \
+        _GEMM_CONFIGS[_cc(device)]["fp32" if dtype == torch.float32 else "16bit"]
     if dual:
         key = "dual_small" if T <= 2048 else "dual"
     elif T <= 1024:
@@ -328,11 +353,7 @@ def _gemm_config(device, T, N, K, epilogue, head_dim=0):
         key = "large"
     else:
         key = "medium"
-    BM, BN, BK, GM, nw, ns = table[key]
-    if epilogue == EPI_QKV_ROPE:
-        # whole heads per tile; head_dim is a power of two
-        BN = max(BN, head_dim)
-    return BM, BN, BK, GM, nw, ns
+    return table[key]
 
 
 def _wgrad_config(device, N, K):
@@ -348,7 +369,7 @@ def _num_programs(device) -> int:
 
 def _precision(dtype) -> str:
     # fp32 inputs: exact fp32 products (no silent TF32); 16-bit inputs ignore this
-    return "ieee" if dtype == torch.float32 or interpret_mode() else "tf32"
+    return "ieee" if interpret_mode() else "tf32"
 
 
 # ============================================================================================== launchers
@@ -366,8 +387,8 @@ def _launch_gemm(x, wv, wl, offsets, out, *, epilogue=EPI_LINEAR, w2v=None, w2l=
         wv, wl = wv.contiguous(), wl.contiguous()
         w2v = w2v.contiguous() if w2v is not None else None
         w2l = w2l.contiguous() if w2l is not None else None
-    BM, BN, BK, GM, nw, ns = _gemm_config(x.device, T, N, K, epilogue, head_dim)
-    num_n = triton.cdiv(N, BN)
+    BM, BN, BK, GM, nw, ns = _gemm_config(x.device, x.dtype, T, N, K, epilogue)
+    num_n = triton.cdiv(N // 2 if epilogue == EPI_QKV_ROPE else N, BN)  # QKV tiles count column pairs
     max_tiles = (triton.cdiv(T, BM) + 1) * num_n  # the expert split adds at most one partial M tile
     grid = (max(1, min(_num_programs(x.device), max_tiles)),)
     dummy = out
@@ -420,6 +441,17 @@ def _launch_wgrad(dy, x, offsets, dwv, dwl, dbv, dbl):
     )
 
 
+# Tests set this to fill every output buffer with NaN before the kernels run, so unwritten elements show.
+_POISON_OUTPUTS = False
+
+
+def _out(like, *shape, dtype=None):
+    if len(shape) == 1 and isinstance(shape[0], (tuple, torch.Size)):
+        shape = tuple(shape[0])
+    t = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+    return t.fill_(float("nan")) if _POISON_OUTPUTS else t
+
+
 # ============================================================================================== torch backend
 # Two GEMMs on zero-copy row slices (x[:nv], x[nv:]) writing into row slices of one output: the measured baseline
 # (0.96-1.03x of one dense cuBLAS GEMM, anchors/README.md) and the CPU fallback. nv is the plan's cached host count.
@@ -439,7 +471,7 @@ def _torch_linear_into(out, x, w, b, residual, sl):
 
 def _torch_linear_fwd(x, wv, wl, nv, bv, bl, residual):
     T = x.shape[0]
-    out = x.new_empty(T, wv.shape[0])
+    out = _out(x, T, wv.shape[0])
     _torch_linear_into(out, x, wv, bv, residual, slice(0, nv))
     _torch_linear_into(out, x, wl, bl, residual, slice(nv, T))
     return out
@@ -450,7 +482,7 @@ def _torch_linear_bwd(dy, x, wv, wl, nv, need_dx, need_dw, need_dbv, need_dbl):
     dx = dwv = dwl = dbv = dbl = None
     parts = ((slice(0, nv), wv), (slice(nv, T), wl))
     if need_dx:
-        dx = x.new_empty(x.shape)
+        dx = _out(x, x.shape)
         for sl, w in parts:
             if dy[sl].shape[0]:
                 torch.matmul(dy[sl], w, out=dx[sl])
@@ -466,7 +498,7 @@ def _torch_linear_bwd(dy, x, wv, wl, nv, need_dx, need_dw, need_dbv, need_dbl):
 
 def _torch_swiglu_fwd(x, gv, uv, gl, ul, nv):
     T = x.shape[0]
-    out = x.new_empty(T, gv.shape[0])
+    out = _out(x, T, gv.shape[0])
     for sl, g_w, u_w in ((slice(0, nv), gv, uv), (slice(nv, T), gl, ul)):
         xs = x[sl]
         if xs.shape[0]:
@@ -507,7 +539,8 @@ def _qkv_routed_to_heads(qkv, perm, B, L, H, KV, hd):
     """[T, (H+2KV)hd] routed rows -> q [B,H,L,hd], k, v [B,KV,L,hd] in sequence order (torch path)."""
     seq = torch.empty_like(qkv).index_copy_(0, perm, qkv).view(B, L, H + 2 * KV, hd)
     q, k, v = seq.split([H, KV, KV], dim=2)
-    return (q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous())
+    # clone, not contiguous(): for L == 1 the views are already contiguous and would alias one buffer
+    return tuple(t.transpose(1, 2).clone(memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _qkv_heads_to_routed(dq, dk, dv, perm):
@@ -523,7 +556,7 @@ def _linear_fwd_impl(x, wv, wl, offsets, nv, bv, bl, residual, backend):
         return _torch_linear_fwd(x, wv, wl, nv, bv, bl, residual)
     if backend == "grouped_mm":
         return _grouped_mm_fwd(x, wv, wl, offsets, bv, bl, residual)
-    out = x.new_empty(x.shape[0], wv.shape[0])
+    out = _out(x, x.shape[0], wv.shape[0])
     _launch_gemm(x, wv, wl, offsets, out, bv=bv, bl=bl, residual=residual)
     return out
 
@@ -537,15 +570,15 @@ def _linear_bwd_impl(dy, x, wv, wl, offsets, nv, need_dx, need_dw, need_dbv, nee
     N = wv.shape[0]
     dx = dwv = dwl = dbv = dbl = None
     if need_dx:
-        dx = x.new_empty(T, K)
+        dx = _out(x, T, K)
         _launch_gemm(dy, wv.t(), wl.t(), offsets, dx)  # dX = dY W_e: the [K, N] transposed views, no copies
     if need_dw:
-        dwv = wv.new_empty(N, K)
-        dwl = wl.new_empty(N, K)
+        dwv = _out(wv, N, K)
+        dwl = _out(wl, N, K)
     if need_dbv:
-        dbv = torch.empty(N, device=x.device, dtype=bias_dtype or torch.float32)
+        dbv = _out(x, N, dtype=bias_dtype or torch.float32)
     if need_dbl:
-        dbl = torch.empty(N, device=x.device, dtype=bias_dtype or torch.float32)
+        dbl = _out(x, N, dtype=bias_dtype or torch.float32)
     _launch_wgrad(dy, x, offsets, dwv, dwl, dbv, dbl)
     return dx, dwv, dwl, dbv, dbl
 
@@ -553,7 +586,7 @@ def _linear_bwd_impl(dy, x, wv, wl, offsets, nv, need_dx, need_dw, need_dbv, nee
 def _swiglu_fwd_impl(x, gv, uv, gl, ul, offsets, nv, backend):
     if backend != "triton":
         return _torch_swiglu_fwd(x, gv, uv, gl, ul, nv)
-    out = x.new_empty(x.shape[0], gv.shape[0])
+    out = _out(x, x.shape[0], gv.shape[0])
     _launch_gemm(x, gv, gl, offsets, out, epilogue=EPI_SWIGLU, w2v=uv, w2l=ul)
     return out
 
@@ -564,21 +597,21 @@ def _swiglu_bwd_impl(dh, x, gv, uv, gl, ul, offsets, nv, need_dx, need_dw, backe
     T, K = x.shape
     I = gv.shape[0]
     if backend != "triton":
-        dg = x.new_empty(T, I)
-        du = x.new_empty(T, I)
+        dg = _out(x, T, I)
+        du = _out(x, T, I)
         for sl, g_w, u_w in ((slice(0, nv), gv, uv), (slice(nv, T), gl, ul)):
             if x[sl].shape[0]:
                 a, b = _swiglu_grads(x[sl] @ g_w.t(), x[sl] @ u_w.t(), dh[sl])
                 dg[sl], du[sl] = a, b
     else:
-        dg = x.new_empty(T, I)
-        du = x.new_empty(T, I)
+        dg = _out(x, T, I)
+        du = _out(x, T, I)
         _launch_gemm(x, gv, gl, offsets, dg, epilogue=EPI_SWIGLU_BWD, w2v=uv, w2l=ul, out2=du, dh=dh)
     dx, dgv, dgl, _, _ = _linear_bwd_impl(dg, x, gv, gl, offsets, nv, need_dx, need_dw, False, False, backend)
     if need_dx:
         # dX += du Wu (second GEMM; the first result enters through the residual epilogue, fp32 add)
         if backend == "triton":
-            dx2 = x.new_empty(T, K)
+            dx2 = _out(x, T, K)
             _launch_gemm(du, uv.t(), ul.t(), offsets, dx2, residual=dx)
             dx = dx2
         else:
@@ -598,9 +631,9 @@ def _qkv_fwd_impl(x, wv, wl, offsets, nv, bv, bl, perm, pos, inv_freq, B, L, H, 
         cos, sin = _rope_cos_sin(pos, inv_freq)
         qkv = _rope_rows(qkv, cos, sin, H + KV, hd)
         return _qkv_routed_to_heads(qkv, perm, B, L, H, KV, hd)
-    q = x.new_empty(B, H, L, hd)
-    k = x.new_empty(B, KV, L, hd)
-    v = x.new_empty(B, KV, L, hd)
+    q = _out(x, B, H, L, hd)
+    k = _out(x, B, KV, L, hd)
+    v = _out(x, B, KV, L, hd)
     _launch_gemm(x, wv, wl, offsets, q, epilogue=EPI_QKV_ROPE, bv=bv, bl=bl, perm=perm, pos=pos,
                  inv_freq=inv_freq, k_out=k, v_out=v, seq_len=L, num_heads=H, num_kv_heads=KV, head_dim=hd,
                  n_cols=wv.shape[0])
@@ -998,8 +1031,7 @@ def routed_qkv_rope(x, weight_vision, weight_language, plan, *, num_heads: int, 
         positions = positions.to(position_dtype)
     pos = positions.to(torch.float32).contiguous()
     inv_freq = _rope_inv_freq(hd, float(rope_theta), x.device)
-    pow2 = hd & (hd - 1) == 0
-    be = select_backend(backend, x, "qkv_rope", N, K, triton_ok=pow2)
+    be = select_backend(backend, x, "qkv_rope", N, K)
     B, L = plan.batch_size, plan.seq_len
     return _routed_qkv_rope_op(x, wv, wl, plan.expert_offsets, _nv_for(be, plan), bias_vision, bias_language,
                                plan.perm, pos, inv_freq, B, L, num_heads, num_kv_heads, be)
@@ -1100,9 +1132,30 @@ def aot_compile_specs():
         return []
     from .._aot import CompileSpec
     specs = []
-    for cc, table in _GEMM_CONFIGS.items():
+    for cc, tables in _GEMM_CONFIGS.items():
         for dtype, dt in _TL_DTYPE.items():
-            prec = "ieee" if dtype == torch.float32 else "tf32"
+            prec = "tf32"
+            table = tables["fp32" if dtype == torch.float32 else "16bit"]
+            for key, (BM, BN, BK, GM, nw, ns) in table.items():
+                dual = key.startswith("dual")
+                variants = _DUAL_VARIANTS + _QKV_VARIANTS if dual else _LINEAR_VARIANTS
+                if not dual:  # dX = dY W_e: same kernel on the transposed weight view (stride_wn == 1)
+                    variants = variants + (("dx", EPI_LINEAR, False, False, False, 0, "nn"),
+                                           ("dx_residual", EPI_LINEAR, False, False, True, 0, "nn"))
+                for vname, epi, hbv, hbl, hres, hd, *layout in variants:
+                    cfg = dict(EPILOGUE=epi, HAS_BIAS_V=hbv, HAS_BIAS_L=hbl, HAS_RESIDUAL=hres, HEAD_DIM=hd,
+                               BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=GM, UPCAST_DOT=False,
+                               INPUT_PRECISION=prec, stride_xk=1)
+                    # the JIT turns unit strides into constants; mirror it or the AOT code is not what runs
+                    cfg["stride_wn" if layout else "stride_wk"] = 1
+                    div16 = ["N", "K", "stride_xm", "stride_om", "stride_rm", "stride_dm",
+                             "stride_wk" if layout else "stride_wn"]
+                    specs.append(CompileSpec(
+                        name=f"routed_gemm[{vname},{dt},{BM}x{BN}x{BK},w{nw}s{ns},sm{cc}]",
+                        fn=_routed_gemm_kernel, signature=_gemm_signature(dt), constexprs=cfg, num_warps=nw,
+                        num_stages=ns, targets=(cc,), extra={"config": key, "divisible_by_16": div16}))
+        for dtype, dt in _TL_DTYPE.items():
+            prec = "tf32"
             for key, (BM, BN, BK, GM, nw, ns) in table.items():
                 dual = key.startswith("dual")
                 variants = _DUAL_VARIANTS if dual else (_LINEAR_VARIANTS + _QKV_VARIANTS)
@@ -1122,7 +1175,7 @@ def aot_compile_specs():
                         fn=_routed_gemm_kernel, signature=_gemm_signature(dt), constexprs=cfg, num_warps=nw,
                         num_stages=ns, targets=(cc,), extra={"config": key, "divisible_by_16": div16}))
         for dtype, dt in _TL_DTYPE.items():
-            prec = "ieee" if dtype == torch.float32 else "tf32"
+            prec = "tf32"
             for key, (BM, BN, BK, nw, ns) in _WGRAD_CONFIGS[cc].items():
                 for vname, hdw, hdbv, hdbl in (("dw", True, False, False), ("dw_db", True, True, True),
                                                ("dw_db_v", True, True, False), ("db", False, True, True)):
@@ -1133,4 +1186,8 @@ def aot_compile_specs():
                         fn=_routed_wgrad_kernel, signature=_wgrad_signature(dt), constexprs=cfg, num_warps=nw,
                         num_stages=ns, targets=(cc,),
                         extra={"config": key, "divisible_by_16": ["N", "K", "stride_dym", "stride_xm"]}))
-    return specs
+    # table entries that share a config (e.g. fp32 large/medium/small) compile once
+    unique = {}
+    for sp in specs:
+        unique.setdefault(sp.name, sp)
+    return list(unique.values())
