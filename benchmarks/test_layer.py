@@ -38,14 +38,14 @@ def _params():
 _CACHE = {}
 
 
-def _setup(case):
+def _setup(case, first=False):
     """One case's weights/inputs/reference output at a time (GPU memory), shared by all its providers."""
     if case.id not in _CACHE:
         _CACHE.clear()
         if DEVICE.type == "cuda":
             torch.cuda.empty_cache()
         s = LayerSetup(case, DEVICE, DTYPE)
-        _CACHE[case.id] = (s, s.forwards(compile_ok=compile_enabled(DEVICE)), s.reference_output())
+        _CACHE[case.id] = (s, s.forwards(compile_ok=compile_enabled(DEVICE, first)), s.reference_output())
     return _CACHE[case.id]
 
 
@@ -55,7 +55,7 @@ def test_layer(benchmark, case, mode, provider, first):
     import conftest
     if suite not in conftest.SUITES:
         pytest.skip(f"suite {suite} not selected (VEXPERT_BENCH_SUITES)")
-    setup, fwds, ref_out = _setup(case)
+    setup, fwds, ref_out = _setup(case, first)
     fwd, skip, be = fwds.get(provider, (None, f"skipped: {provider} not built for this case", None))
     if CPU and skip is None:
         # CPU budget: the interpreter (~4 s per tiny forward) and torch.compile (~1 min per graph) run once only

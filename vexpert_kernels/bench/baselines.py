@@ -31,17 +31,19 @@ ATTN = "self_attn."
 def make_params(cfg: VisualExpertConfig, dtype, device, seed: int = 0):
     """(reference layer, params dict) with random non-trivial weights (norm weights ~ 1 + 0.1 N(0,1), biases random)."""
     from ..reference import VisualExpertBlock as ReferenceBlock
-    g = torch.Generator().manual_seed(seed)
-    ref = ReferenceBlock(cfg)
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.device(device):  # build and fill on the device: 400M parameters on a CPU take seconds
+        ref = ReferenceBlock(cfg).to(dtype=dtype)
     with torch.no_grad():
         for name, t in ref.named_parameters():
+            r = torch.randn(t.shape, generator=g, device=device, dtype=torch.float32)
             if name.endswith("layernorm.weight"):
-                t.copy_(1 + 0.1 * torch.randn(t.shape, generator=g))
+                t.copy_(1 + 0.1 * r)
             elif name.endswith("bias"):
-                t.copy_(0.02 * torch.randn(t.shape, generator=g))
+                t.copy_(0.02 * r)
             else:  # ~ nn.Linear's scale, fixed seed
-                t.copy_(torch.randn(t.shape, generator=g) / t.shape[-1] ** 0.5)
-    ref = ref.to(device=device, dtype=dtype)
+                t.copy_(r / t.shape[-1] ** 0.5)
     params = dict(ref.named_parameters())
     return ref, params
 

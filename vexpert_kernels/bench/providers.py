@@ -54,6 +54,7 @@ def _fused_block_class():
 
 
 _COMPILED = {}
+_PARAMS = {}
 
 
 def compiled_slices(mode: str):
@@ -69,7 +70,11 @@ class LayerSetup:
         from ..routing import RoutingPlan
         self.case, self.device, self.dtype = case, torch.device(device), dtype
         self.cfg = case.config
-        self.ref, self.params = bl.make_params(self.cfg, dtype, device, seed)
+        key = (case.model, str(dtype), str(self.device), seed)
+        if key not in _PARAMS:  # one weight set at a time, reused across the cases of a model
+            _PARAMS.clear()
+            _PARAMS[key] = bl.make_params(self.cfg, dtype, device, seed)
+        self.ref, self.params = _PARAMS[key]
         g = torch.Generator(device="cpu").manual_seed(seed + 1)
         B, L, D = case.batch, case.seq_len, self.cfg.hidden_size
         self.x = torch.randn(B, L, D, generator=g).to(device=device, dtype=dtype)
@@ -183,11 +188,12 @@ def case_fields(case: Case, setup: Optional[LayerSetup] = None) -> dict:
     return d
 
 
-def compile_enabled(device) -> bool:
-    v = os.environ.get("VEXPERT_BENCH_COMPILE")
-    if v is not None:
-        return v not in ("0", "", "false", "no")
-    return True
+def compile_enabled(device, first_case: bool = True) -> bool:
+    """VEXPERT_BENCH_COMPILE: 1 (default) every layer case, 'first' only the first layer case, 0 never."""
+    v = os.environ.get("VEXPERT_BENCH_COMPILE", "1").strip().lower()
+    if v == "first":
+        return first_case
+    return v not in ("0", "", "false", "no")
 
 
 def layer_records(case: Case, modes, device, dtype, *, providers=None, rep_ms=100, warmup_ms=25,
