@@ -106,6 +106,77 @@ if HAS_TRITON:
         return lo, hi
 
     @triton.jit
+    def _full_end(lo, hi, first_row_pos_plus1, BLOCK_N: tl.constexpr):
+        """End of the tile-aligned key range [lo, .) that the tile's FIRST row already sees causally (so all rows do)."""
+        n_full = tl.maximum(tl.minimum(hi, first_row_pos_plus1) - lo, 0) // BLOCK_N
+        return lo + n_full * BLOCK_N
+
+    @triton.jit
+    def _tile_mask(offs_m, offs_n, m_valid, n_valid, qpos, qs, b, offset, KPM, stride_mb, SPAN_B,
+                   MASKED: tl.constexpr, HAS_KPM: tl.constexpr, BIDIR: tl.constexpr):
+        if MASKED:
+            ok = _visible(offs_m, offs_n, m_valid, n_valid, qpos, qs, b, offset, KPM, stride_mb, SPAN_B,
+                          HAS_KPM, BIDIR)
+        else:  # interior tile: only key padding can hide a key (a [BLOCK_N] vector, cheap)
+            ok = (offs_n >= 0)[None, :] & m_valid[:, None]
+            if HAS_KPM:
+                kp = tl.load(KPM + b.to(tl.int64) * stride_mb + offs_n, mask=n_valid, other=0)
+                ok = ok & (kp != 0)[None, :]
+        return ok
+
+    @triton.jit
+    def _load_rows(ptrs, n_valid, d_valid, MASK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Load a [rows, BLOCK_D] tile. Interior tiles of a full head dim load unmasked: the [rows, BLOCK_D] predicate
+        tensor otherwise costs registers that spill on the big GPU tiles."""
+        if MASK_N:
+            x = tl.load(ptrs, mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=d_valid[None, :], other=0.0)
+        return x
+
+    @triton.jit
+    def _fwd_tile(q, m_i, l_i, acc, start_n, hi, offs_n0, offs_d, d_valid, offs_m, m_valid, qpos, qs, b, offset,
+                  k_ptr, v_ptr, stride_kl, stride_vl, KPM, stride_mb, span_b, qk_scale,
+                  MASKED: tl.constexpr, HAS_KPM: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
+                  PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+        offs_n = start_n + offs_n0
+        n_valid = offs_n < hi
+        k = _load_rows(k_ptr + offs_n[:, None] * stride_kl + offs_d[None, :], n_valid, d_valid, MASKED, HEAD_DIM, BLOCK_D)
+        s = _dot(q, tl.trans(k), UPCAST, PREC) * qk_scale  # log2 domain: qk_scale = softmax_scale * log2(e)
+        if MASKED or HAS_KPM:
+            ok = _tile_mask(offs_m, offs_n, m_valid, n_valid, qpos, qs, b, offset, KPM, stride_mb, span_b,
+                            MASKED, HAS_KPM, BIDIR)
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: no NaN
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(v_ptr + offs_n[:, None] * stride_vl + offs_d[None, :], n_valid, d_valid, MASKED, HEAD_DIM, BLOCK_D)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PREC)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _dq_tile(dq, q, do, lse2, delta, start_n, hi, offs_n0, offs_d, d_valid, offs_m, m_valid, qpos, qs, b, offset,
+                 k_ptr, v_ptr, stride_kl, stride_vl, KPM, stride_mb, span_b, qk_scale,
+                 MASKED: tl.constexpr, HAS_KPM: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
+                 PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+        offs_n = start_n + offs_n0
+        n_valid = offs_n < hi
+        k = _load_rows(k_ptr + offs_n[:, None] * stride_kl + offs_d[None, :], n_valid, d_valid, MASKED, HEAD_DIM, BLOCK_D)
+        v = _load_rows(v_ptr + offs_n[:, None] * stride_vl + offs_d[None, :], n_valid, d_valid, MASKED, HEAD_DIM, BLOCK_D)
+        s = _dot(q, tl.trans(k), UPCAST, PREC) * qk_scale
+        ok = _tile_mask(offs_m, offs_n, m_valid, n_valid, qpos, qs, b, offset, KPM, stride_mb, span_b,
+                        MASKED, HAS_KPM, BIDIR)
+        # where() after exp2: rows with lse=-inf give inf there, but such rows have no visible key
+        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), UPCAST, PREC)
+        ds = p * (dp - delta[:, None])
+        return dq + _dot(ds.to(k.dtype), k, UPCAST, PREC)
+
+    @triton.jit
     def _attn_fwd_kernel(
         Q, K, V, O, LSE, CU_Q, CU_K, KV_LO, KV_HI, KPM, SPAN, SPAN_END,
         stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
@@ -148,23 +219,16 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start_n in range(lo, hi, BLOCK_N):
-            offs_n = start_n + offs_n0
-            n_valid = offs_n < hi
-            kv_mask = n_valid[:, None] & d_valid[None, :]
-            k = tl.load(k_ptr + offs_n[:, None] * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = _dot(q, tl.trans(k), UPCAST, PREC) * qk_scale  # log2 domain: qk_scale = softmax_scale * log2(e)
-            ok = _visible(offs_m, offs_n, m_valid, n_valid, qpos, qs, b, offset, KPM, stride_mb, span_b,
-                          HAS_KPM, BIDIR)
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: no NaN
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + offs_n[:, None] * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PREC)
-            m_i = m_new
+        # keys in [lo, full_end) are causally visible to every row of the tile: no causal/span mask there
+        full_end = _full_end(lo, hi, offset + start_m + 1, BLOCK_N)
+        for start_n in range(lo, full_end, BLOCK_N):
+            m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, start_n, hi, offs_n0, offs_d, d_valid, offs_m, m_valid, qpos,
+                                      qs, b, offset, k_ptr, v_ptr, stride_kl, stride_vl, KPM, stride_mb, span_b,
+                                      qk_scale, False, HAS_KPM, BIDIR, UPCAST, PREC, HEAD_DIM, BLOCK_D)
+        for start_n in range(full_end, hi, BLOCK_N):
+            m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, start_n, hi, offs_n0, offs_d, d_valid, offs_m, m_valid, qpos,
+                                      qs, b, offset, k_ptr, v_ptr, stride_kl, stride_vl, KPM, stride_mb, span_b,
+                                      qk_scale, True, HAS_KPM, BIDIR, UPCAST, PREC, HEAD_DIM, BLOCK_D)
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
         out = acc / l_safe[:, None]
@@ -220,20 +284,15 @@ if HAS_TRITON:
         lo, hi = _key_range(b, start_m, len_q, len_k, offs_m, m_valid, KV_LO, KV_HI, SPAN_END + b64 * stride_sb + q_start,
                             HAS_KPM, BIDIR, BLOCK_M, BLOCK_N)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start_n in range(lo, hi, BLOCK_N):
-            offs_n = start_n + offs_n0
-            n_valid = offs_n < hi
-            kv_mask = n_valid[:, None] & d_valid[None, :]
-            k = tl.load(k_ptr + offs_n[:, None] * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + offs_n[:, None] * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = _dot(q, tl.trans(k), UPCAST, PREC) * qk_scale
-            ok = _visible(offs_m, offs_n, m_valid, n_valid, qpos, qs, b, offset, KPM, stride_mb, span_b,
-                          HAS_KPM, BIDIR)
-            # where() after exp2: rows with lse=-inf give inf there, but such rows have no visible key
-            p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-            dp = _dot(do, tl.trans(v), UPCAST, PREC)
-            ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, UPCAST, PREC)
+        full_end = _full_end(lo, hi, offset + start_m + 1, BLOCK_N)
+        for start_n in range(lo, full_end, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse2, delta, start_n, hi, offs_n0, offs_d, d_valid, offs_m, m_valid, qpos, qs, b,
+                          offset, k_ptr, v_ptr, stride_kl, stride_vl, KPM, stride_mb, span_b, qk_scale,
+                          False, HAS_KPM, BIDIR, UPCAST, PREC, HEAD_DIM, BLOCK_D)
+        for start_n in range(full_end, hi, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse2, delta, start_n, hi, offs_n0, offs_d, d_valid, offs_m, m_valid, qpos, qs, b,
+                          offset, k_ptr, v_ptr, stride_kl, stride_vl, KPM, stride_mb, span_b, qk_scale,
+                          True, HAS_KPM, BIDIR, UPCAST, PREC, HEAD_DIM, BLOCK_D)
         dq = dq * sm_scale
         tl.store(DQ + o_off + offs_m[:, None] * stride_ol + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md_mask)
 
