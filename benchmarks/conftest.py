@@ -75,6 +75,13 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
+def pytest_collection_modifyitems(session, config, items):
+    # Per-op benchmarks first: under TRITON_INTERPRET=1, mixed_attention(backend="triton") raised
+    # KeyError('_attn_fwd_kernel') when run after torch.compile in the same process (reported to the attention
+    # owner); the ops are also the cheaper, most diagnostic measurements when a GPU run hits its time budget.
+    items.sort(key=lambda it: 0 if it.nodeid.startswith("benchmarks/test_ops.py") else 1)
+
+
 @pytest.fixture(scope="session")
 def bench_env():
     return dict(device=DEVICE, dtype=DTYPE, real=REAL, rep_ms=REP_MS, writer=writer())

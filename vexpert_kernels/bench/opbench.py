@@ -25,11 +25,12 @@ from .timing import rotating
 GEMM_BACKENDS_GPU = ("triton", "torch", "grouped_mm")
 
 
-def _gemm_backends(device) -> list:
+def _gemm_backends(device, op: str = "") -> list:
     from .._triton_compat import HAS_TRITON, interpret_mode
     if torch.device(device).type == "cuda":
         return list(GEMM_BACKENDS_GPU)
-    return (["triton"] if HAS_TRITON and interpret_mode() else []) + ["torch"]
+    # CPU budget: the interpreter (~0.5 s per tiny GEMM) runs for one projection only
+    return (["triton"] if HAS_TRITON and interpret_mode() and op == "linear_o" else []) + ["torch"]
 
 
 def _attn_backends(device) -> list:
@@ -89,7 +90,7 @@ def op_records(case: Case, device, dtype, *, rep_ms=100, warmup_ms=25) -> list:
         ref = torch.cat([x0[:nv].double() @ wv.double().t(), x0[nv:].double() @ wl.double().t()])
         provs = [op_prov(f"vexpert[{be}]", (lambda be=be: (lambda: ops.routed_linear(xs()[0], wv, wl, plan,
                                                                                        backend=be)))(), be)
-                 for be in _gemm_backends(device)]
+                 for be in _gemm_backends(device, op)]
         provs += [Provider("slices_cat", lambda: bl.slices_gemm(xs()[0], wv, wl, nv)),
                   Provider("slices_into", lambda: bl.slices_gemm_into(xs()[0], wv, wl, nv, out)),
                   Provider("dense_gemm", lambda: bl.dense_gemm(xs()[0], wl))]
