@@ -267,8 +267,9 @@ def run_jobs(jobs: list, *, n_procs: int = 2, sys_path: Iterable = (), timeout: 
     if not jobs:
         return []
     n_procs = max(1, min(n_procs, len(jobs)))
-    # round-robin keeps each worker's mix of heavy and light kernels similar
-    chunks = [jobs[i::n_procs] for i in range(n_procs)]
+    # arch-major order, then round-robin: each worker gets a similar mix of (slower) sm_90a and sm_80 compiles
+    ordered = sorted(jobs, key=lambda j: -j[2])
+    chunks = [ordered[i::n_procs] for i in range(n_procs)]
     procs = []
     for chunk in chunks:
         payload = json.dumps({"jobs": chunk, "sys_path": [str(p) for p in sys_path]})
