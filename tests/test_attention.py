@@ -190,6 +190,23 @@ def test_triton_transposed_layout_and_default_scale():
     _check("triton", q, k, v, softmax_scale=0.3, with_lse=False)
 
 
+@pytest.mark.parametrize("cfg", [
+    {"fwd": (32, 16, 4, 1), "dq": (16, 32, 4, 1), "dkdv": (16, 32, 4, 1)},
+    {"fwd": (16, 32, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (32, 16, 4, 1)},
+], ids=["m32n16", "m16n32"])
+def test_triton_rectangular_tiles(monkeypatch, cfg):
+    # GPU configs use BLOCK_M != BLOCK_N: tile-range arithmetic (skipping, interior/edge split) must not assume squares
+    monkeypatch.setattr(fa, "_INTERPRET_CONFIG", cfg)
+    B, Lq, Lk = 2, 41, 53
+    q, k, v = _make(B, 2, 1, Lq, Lk, 16)
+    kpm = torch.ones(B, Lk, dtype=torch.bool)
+    kpm[0, :20] = False
+    kpm[1, -3:] = False
+    span = _spans(B, Lq, [(0, 0, 5, 1), (0, 9, 30, 2), (1, 17, 41, 1)])
+    _check("triton", q, k, v, key_padding_mask=kpm, image_span_ids=span, image_attention="bidirectional")
+    _check("triton", q, k, v, with_lse=False)
+
+
 def test_triton_backward_deterministic():
     q, k, v = _make(1, 4, 1, 20, 20, 16)
     runs = []

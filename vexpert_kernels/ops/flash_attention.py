@@ -33,7 +33,7 @@ from vexpert_kernels._triton_compat import HAS_TRITON, interpret_mode, require_t
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 128  # 256 spills registers even at 32x32 tiles (sm_90/sm_80): use sdpa/flex there
 # Tests set this to fill every output with NaN before launch, so elements a kernel fails to write show up.
 _POISON_OUTPUTS = False
 
@@ -175,6 +175,50 @@ if HAS_TRITON:
         dp = _dot(do, tl.trans(v), UPCAST, PREC)
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.to(k.dtype), k, UPCAST, PREC)
+
+    @triton.jit
+    def _dkdv_tile(dk, dv, k, v, kkeep, ks, start_m, offs_m0, offs_n, n_valid, offs_d, d_valid, len_q, offset, q_ptr,
+                   do_ptr, l_off, LSE, DELTA, stride_ql, stride_ol, stride_ll, span_b, qk_scale,
+                   MASKED: tl.constexpr, HAS_KPM: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
+                   PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+        # Works on the transposed scores [BLOCK_N, BLOCK_M] (as FA2): P^T and dS^T come out of the dots already in
+        # the orientation dV += P^T dO and dK += dS^T Q need, so no register tensor is transposed (no layout shuffle
+        # through shared memory, fewer live registers). kkeep/ks: the key tile's padding keep flags and span ids.
+        offs_m = start_m + offs_m0
+        m_valid = offs_m < len_q
+        qt_ptrs = q_ptr + offs_m[None, :] * stride_ql + offs_d[:, None]
+        if MASKED:
+            qT = tl.load(qt_ptrs, mask=m_valid[None, :] & d_valid[:, None], other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            qT = tl.load(qt_ptrs)
+        else:
+            qT = tl.load(qt_ptrs, mask=d_valid[:, None], other=0.0)
+        do = _load_rows(do_ptr + offs_m[:, None] * stride_ol + offs_d[None, :], m_valid, d_valid, MASKED, HEAD_DIM,
+                        BLOCK_D)
+        if MASKED:
+            lse2 = tl.load(LSE + l_off + offs_m * stride_ll, mask=m_valid, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + l_off + offs_m * stride_ll, mask=m_valid, other=0.0)
+        else:
+            lse2 = tl.load(LSE + l_off + offs_m * stride_ll) * 1.4426950408889634
+            delta = tl.load(DELTA + l_off + offs_m * stride_ll)
+        sT = _dot(k, qT, UPCAST, PREC) * qk_scale
+        pT = tl.exp2(sT - lse2[None, :])
+        # where() after exp2: rows with lse=-inf give inf there, but such rows have no visible key
+        if MASKED:
+            ok = (offs_n[:, None] <= (offset + offs_m)[None, :]) & n_valid[:, None] & m_valid[None, :]
+            if BIDIR:
+                qs = tl.load(span_b + offs_m, mask=m_valid, other=0)
+                ok = ok | ((ks[:, None] == qs[None, :]) & (qs[None, :] != 0) & n_valid[:, None] & m_valid[None, :])
+            if HAS_KPM:
+                ok = ok & kkeep[:, None]
+            pT = tl.where(ok, pT, 0.0)
+        elif HAS_KPM:
+            pT = tl.where(kkeep[:, None], pT, 0.0)
+        dv += _dot(pT.to(do.dtype), do, UPCAST, PREC)
+        dpT = _dot(v, tl.trans(do), UPCAST, PREC)
+        dsT = pT * (dpT - delta[None, :])
+        dk += _dot(dsT.to(qT.dtype), tl.trans(qT), UPCAST, PREC)
+        return dk, dv
 
     @triton.jit
     def _attn_fwd_kernel(
@@ -340,6 +384,16 @@ if HAS_TRITON:
             kv_hi = tl.load(KV_HI + b)
             if (start_n + BLOCK_N <= kv_lo) | (start_n >= kv_hi):
                 m_hi = m_lo
+        # first query tile start whose rows all sit at or after the tile's last key (causally see the whole tile)
+        m_full = m_lo + ((tl.maximum(start_n + BLOCK_N - 1 - offset - m_lo, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+        m_a = tl.minimum(m_full, m_hi)
+        m_b = tl.maximum(m_a, m_lo + ((m_hi - m_lo) // BLOCK_M) * BLOCK_M)
+        kkeep = n_valid
+        if HAS_KPM:
+            kkeep = tl.load(KPM + b64 * stride_mb + offs_n, mask=n_valid, other=0) != 0
+        ks = offs_n * 0
+        if BIDIR:
+            ks = tl.load(span_b + offs_n - offset, mask=n_valid & (offs_n >= offset), other=0)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for g in range(GROUP):  # the query heads sharing this kv head: summed here, no atomics
@@ -347,59 +401,57 @@ if HAS_TRITON:
             q_ptr = Q + b64 * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_ql
             do_ptr = DO + b64 * stride_ob + h * stride_oh + q_start.to(tl.int64) * stride_ol
             l_off = b64 * stride_lb + h * stride_lh + q_start.to(tl.int64) * stride_ll
-            for start_m in range(m_lo, m_hi, BLOCK_M):
-                offs_m = start_m + offs_m0
-                m_valid = offs_m < len_q
-                md_mask = m_valid[:, None] & d_valid[None, :]
-                q = tl.load(q_ptr + offs_m[:, None] * stride_ql + offs_d[None, :], mask=md_mask, other=0.0)
-                do = tl.load(do_ptr + offs_m[:, None] * stride_ol + offs_d[None, :], mask=md_mask, other=0.0)
-                lse2 = tl.load(LSE + l_off + offs_m * stride_ll, mask=m_valid, other=0.0) * 1.4426950408889634
-                delta = tl.load(DELTA + l_off + offs_m * stride_ll, mask=m_valid, other=0.0)
-                qpos = offset + offs_m
-                qs = offs_m * 0
-                if BIDIR:
-                    qs = tl.load(span_b + offs_m, mask=m_valid, other=0)
-                s = _dot(q, tl.trans(k), UPCAST, PREC) * qk_scale
-                ok = _visible(offs_m, offs_n, m_valid, n_valid, qpos, qs, b, offset, KPM, stride_mb, span_b,
-                              HAS_KPM, BIDIR)
-                p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-                dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, PREC)
-                dp = _dot(do, tl.trans(v), UPCAST, PREC)
-                ds = p * (dp - delta[:, None])
-                dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, PREC)
+            # query tiles [m_a, m_b) are whole tiles whose every row sees every key of this tile causally: no
+            # causal/span mask and no row masks there; the ragged ends run masked
+            for start_m in range(m_lo, m_a, BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, k, v, kkeep, ks, start_m, offs_m0, offs_n, n_valid, offs_d, d_valid,
+                                    len_q, offset, q_ptr, do_ptr, l_off, LSE, DELTA, stride_ql, stride_ol, stride_ll,
+                                    span_b, qk_scale, True, HAS_KPM, BIDIR, UPCAST, PREC, HEAD_DIM, BLOCK_D)
+            for start_m in range(m_a, m_b, BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, k, v, kkeep, ks, start_m, offs_m0, offs_n, n_valid, offs_d, d_valid,
+                                    len_q, offset, q_ptr, do_ptr, l_off, LSE, DELTA, stride_ql, stride_ol, stride_ll,
+                                    span_b, qk_scale, False, HAS_KPM, BIDIR, UPCAST, PREC, HEAD_DIM, BLOCK_D)
+            for start_m in range(m_b, m_hi, BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, k, v, kkeep, ks, start_m, offs_m0, offs_n, n_valid, offs_d, d_valid,
+                                    len_q, offset, q_ptr, do_ptr, l_off, LSE, DELTA, stride_ql, stride_ol, stride_ll,
+                                    span_b, qk_scale, True, HAS_KPM, BIDIR, UPCAST, PREC, HEAD_DIM, BLOCK_D)
         dk = dk * sm_scale
         tl.store(DK + k_off + offs_n[:, None] * stride_kl + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nd_mask)
         tl.store(DV + v_off + offs_n[:, None] * stride_vl + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------- configs
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, chosen by (compute capability major, head-dim bucket).
-# Hopper: 128-row query tiles over 8 warps (two warpgroups of wgmma), 64/128-key tiles, 2-3 stages fit the 228 KB SMEM.
-# Ampere: 128x64 tiles, 4-8 warps, 2 stages (164 KB SMEM on A100).  dK/dV holds two [BLOCK_N, D] fp32 accumulators, so
-# it uses 128 keys x 64 queries; dQ uses 128 queries x 64 keys.  Every entry here is compiled by aot_compile_specs()
-# (sm_90 / sm_80) and checked for register spills; spilling entries were removed (see the compile report).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, keyed by (compute capability major, head-dim bucket, masked),
+# where masked = key padding and/or bidirectional image spans (more live registers: span ids, padding vectors).
+# Hopper: 128-query tiles over 8 warps (two wgmma warpgroups) and 2-3 stages of K/V in the 228 KB SMEM; Ampere: the
+# same tiles where they fit 164 KB and 255 registers. dK/dV keeps two [BLOCK_N, D] fp32 accumulators plus K and V of
+# its key tile in registers, so it takes few queries per step. Every entry was chosen as the largest candidate that
+# compiles WITHOUT register spills for sm_90 / sm_80 (triton.compile + cuobjdump --dump-resource-usage, with the
+# 16-divisible stride hints the JIT uses at run time); aot_compile_specs() lists them all for the compile report.
 _GPU_CONFIGS = {
-    # (cc_major, BLOCK_D <= 64): fwd, dq, dkdv
-    (9, 64): {"fwd": (128, 128, 8, 3), "dq": (128, 64, 8, 2), "dkdv": (64, 128, 8, 2)},
-    (9, 128): {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkdv": (64, 128, 8, 2)},
-    (9, 256): {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2)},
-    (8, 64): {"fwd": (128, 64, 4, 3), "dq": (128, 64, 8, 2), "dkdv": (64, 128, 8, 2)},
-    (8, 128): {"fwd": (128, 64, 8, 2), "dq": (128, 64, 8, 2), "dkdv": (64, 128, 8, 2)},
-    (8, 256): {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2)},
+    # (cc_major, d_bucket, masked): {"fwd": ..., "dq": ..., "dkdv": ...}
+    (9, 64, False): {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkdv": (32, 128, 8, 2)},
+    (9, 64, True): {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkdv": (32, 128, 8, 2)},
+    (9, 128, False): {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkdv": (32, 128, 8, 2)},
+    (9, 128, True): {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkdv": (32, 128, 8, 2)},
+    (8, 64, False): {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkdv": (32, 128, 8, 2)},
+    (8, 64, True): {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkdv": (32, 128, 8, 2)},
+    (8, 128, False): {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkdv": (32, 128, 8, 2)},
+    (8, 128, True): {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkdv": (32, 128, 8, 2)},
 }
 # The interpreter runs every tile op in numpy: the smallest legal tl.dot tiles keep tests fast.
 _INTERPRET_CONFIG = {"fwd": (16, 16, 4, 1), "dq": (16, 16, 4, 1), "dkdv": (16, 16, 4, 1)}
 
 
 def _d_bucket(block_d: int) -> int:
-    return 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
+    return 64 if block_d <= 64 else 128
 
 
-def _configs_for(device: torch.device, block_d: int) -> dict:
+def _configs_for(device: torch.device, block_d: int, masked: bool) -> dict:
     if device.type != "cuda":
         return _INTERPRET_CONFIG
     major = torch.cuda.get_device_capability(device)[0]
-    return _GPU_CONFIGS[(9 if major >= 9 else 8, _d_bucket(block_d))]
+    return _GPU_CONFIGS[(9 if major >= 9 else 8, _d_bucket(block_d), bool(masked))]
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
@@ -519,7 +571,7 @@ def _fwd_impl(q, k, v, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale, bidir
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     ce = pr.common_constexprs(hd, q.dtype, q.device)
-    bm, bn, nw, ns = _configs_for(q.device, ce["BLOCK_D"])["fwd"]
+    bm, bn, nw, ns = _configs_for(q.device, ce["BLOCK_D"], pr.has_kpm or pr.bidir or pr.varlen)["fwd"]
     grid = (triton.cdiv(pr.LQ, bm), pr.B * pr.H)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, pr.cu_q, pr.cu_k, pr.kv_lo, pr.kv_hi, pr.kpm, pr.span, pr.span_end,
@@ -548,7 +600,7 @@ def _bwd_impl(do, q, k, v, out, lse, dlse, kpm, span, cu_q, cu_k, max_q, max_k, 
     if dk.stride() != k.stride() or dv.stride() != v.stride() or lse.stride() != delta.stride():
         raise AssertionError("internal: dk/dv must share k/v strides and delta lse's")
     ce = pr.common_constexprs(hd, q.dtype, q.device)
-    cfg = _configs_for(q.device, ce["BLOCK_D"])
+    cfg = _configs_for(q.device, ce["BLOCK_D"], pr.has_kpm or pr.bidir or pr.varlen)
     common = (*pr.qstrides(q), *pr.qstrides(k), *pr.qstrides(v), *pr.qstrides(do), *pr.lstrides(lse), pr.stride_mb,
               pr.stride_sb)
     bm, bn, nw, ns = cfg["dq"]
@@ -660,13 +712,14 @@ def aot_compile_specs() -> list:
     strides = ["stride_qb", "stride_qh", "stride_ql", "stride_kb", "stride_kh", "stride_kl", "stride_vb", "stride_vh",
                "stride_vl", "stride_ob", "stride_oh", "stride_ol", "stride_lb", "stride_lh", "stride_ll", "stride_mb",
                "stride_sb"]
-    for (cc, dbucket), cfgs in sorted(_GPU_CONFIGS.items()):
-        target_hds = {64: (64,), 128: (80, 96, 128), 256: (256,)}[dbucket]
+    variants = {False: (("causal", False, False, False),),
+                True: (("padded_bidir", False, True, True), ("varlen_bidir", True, False, True))}
+    for (cc, dbucket, masked), cfgs in sorted(_GPU_CONFIGS.items()):
+        target_hds = {64: (64,), 128: (80, 96, 128)}[dbucket]
         for hd in target_hds:
             for dtype, dname in tdt.items():
-                for variant in ("causal", "padded_bidir"):
-                    has_kpm = bidir = variant == "padded_bidir"
-                    ce = dict(GROUP=1, HEAD_DIM=hd, BLOCK_D=_block_d(hd), IS_VARLEN=False, HAS_KPM=has_kpm,
+                for variant, is_varlen, has_kpm, bidir in variants[masked]:
+                    ce = dict(GROUP=1, HEAD_DIM=hd, BLOCK_D=_block_d(hd), IS_VARLEN=is_varlen, HAS_KPM=has_kpm,
                               BIDIR=bidir, UPCAST=False, PREC="tf32")
                     for kname, fn, ptrs, scalars in (
                         ("fwd", _attn_fwd_kernel, [("Q", dname), ("K", dname), ("V", dname), ("O", dname),
@@ -697,5 +750,8 @@ def aot_compile_specs() -> list:
                         sig = {n: sig[n] for n in fn.arg_names}  # ASTSource wants the kernel's argument order
                         specs.append(CompileSpec(
                             name=f"flash_attn_{kname}[sm{cc}x,{variant},{dname},hd{hd},{bm}x{bn},w{nw}s{ns}]", fn=fn,
-                            signature=sig, constexprs=consts, num_warps=nw, num_stages=ns, targets=(cc * 10,)))
+                            signature=sig, constexprs=consts, num_warps=nw, num_stages=ns, targets=(cc * 10,),
+                            # row/head/batch strides of q/k/v/o are multiples of 16 elements for head dims 64..128:
+                            # the JIT specialises on that at run time (vectorised 16-byte loads), so the AOT build must
+                            extra={"divisible_by_16": list(strides[:12])}))
     return specs
