@@ -93,11 +93,25 @@ class VisualExpertBlock(nn.Module):
         return "triton" if usable else "torch"
 
     # ------------------------------------------------------------------ HF-signature forward
-    def forward(self, hidden_states, token_type_ids, position_ids=None, attention_mask=None, past_key_value=None,
-                output_attentions=False, use_cache=False, plan: Optional[RoutingPlan] = None):
+    def forward(self, hidden_states, token_type_ids=None, position_ids=None, attention_mask=None,
+                past_key_value=None, output_attentions=False, use_cache=False, plan: Optional[RoutingPlan] = None,
+                routed: bool = False):
         """hidden_states [B, L, D]; token_type_ids [B, L]; position_ids [B, L] (HF rule when None); attention_mask
         None | 2-D keep [B, past+L] | 4-D additive [B, 1, L, past+L]; past_key_value (k, v) [B, KV, past, hd].
-        Returns ``(hidden_states,)`` (+ ``(None,)`` if output_attentions) (+ ``(present,)`` if use_cache)."""
+        Returns ``(hidden_states,)`` (+ ``(None,)`` if output_attentions) (+ ``(present,)`` if use_cache).
+
+        ``routed=True``: hidden_states is [T, D] in ``plan``'s routed order (token_type_ids unused) and so is the
+        output — what a stack uses between layers. Going through ``__call__`` keeps FSDP/DDP/forward hooks working."""
+        if routed:
+            if plan is None:
+                raise ValueError("routed=True needs plan= (the RoutingPlan that defines the routed order)")
+            if hidden_states.dim() != 2 or hidden_states.shape != (plan.num_tokens, self.hidden_size):
+                raise ValueError(f"routed hidden_states must be [T={plan.num_tokens}, {self.hidden_size}], got "
+                                 f"{tuple(hidden_states.shape)}")
+            out, present = self.forward_routed(hidden_states, plan, position_ids=position_ids,
+                                               attention_mask=attention_mask, past_key_value=past_key_value,
+                                               use_cache=use_cache)
+            return (out, present) if use_cache else (out,)
         token_type_ids = _check_forward_args(hidden_states, token_type_ids, self.hidden_size)
         B, L, _ = hidden_states.shape
         if position_ids is None:
@@ -254,10 +268,10 @@ def visual_expert_layers(layers, hidden_states, token_type_ids, *, position_ids=
         plan = RoutingPlan.build(token_type_ids, keep)
     x = plan.permute(hidden_states)
     for layer in layers:
+        # through __call__ so FSDP2/DDP/forward hooks see every layer
         if checkpoint:
-            x = torch.utils.checkpoint.checkpoint(
-                lambda t, lyr=layer: lyr.forward_routed(t, plan, position_ids=position_ids,
-                                                        attention_mask=attention_mask)[0], x, use_reentrant=False)
+            (x,) = torch.utils.checkpoint.checkpoint(layer, x, plan=plan, position_ids=position_ids,
+                                                     attention_mask=attention_mask, routed=True, use_reentrant=False)
         else:
-            x, _ = layer.forward_routed(x, plan, position_ids=position_ids, attention_mask=attention_mask)
+            (x,) = layer(x, plan=plan, position_ids=position_ids, attention_mask=attention_mask, routed=True)
     return plan.unpermute(x)
