@@ -116,6 +116,21 @@ def _probe_availability() -> dict:
 _AVAILABILITY = _probe_availability()
 
 
+def _varlen_attn_params() -> frozenset:
+    """Keyword names of torch.nn.attention.varlen.varlen_attn (its signature changed across torch releases)."""
+    try:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+
+        return frozenset(inspect.signature(varlen_attn).parameters)
+    except Exception:  # not importable / not introspectable: the backend is unavailable anyway
+        return frozenset()
+
+
+_VARLEN_PARAMS = _varlen_attn_params() if _AVAILABILITY["varlen"] is None else frozenset()
+
+
 def available_attention_backends() -> dict:
     """backend name -> None if usable on this machine, else the reason why not (request details not considered)."""
     return dict(_AVAILABILITY)
@@ -135,6 +150,7 @@ class _Request:
     need_lse: bool
     varlen: bool
     grad: bool = False   # any of q/k/v requires grad
+    custom_scale: bool = False  # softmax_scale differs from 1/sqrt(hd)
 
     @property
     def feature(self) -> str:
@@ -193,6 +209,12 @@ def _unsupported_reason(backend: str, r: _Request) -> Optional[str]:
             return "varlen backend is wired without lse in this package"
         if r.dtype not in (torch.float16, torch.bfloat16):
             return f"varlen_attn (flash) needs fp16/bf16, got {r.dtype}"
+        if not ({"window_size", "is_causal"} & _VARLEN_PARAMS):
+            return "this torch's varlen_attn has neither window_size nor is_causal: cannot ask for causal"
+        if r.gqa and "enable_gqa" not in _VARLEN_PARAMS:
+            return "this torch's varlen_attn has no enable_gqa"
+        if r.custom_scale and "scale" not in _VARLEN_PARAMS:
+            return "this torch's varlen_attn takes no softmax scale"
         return None
     if backend in ("flash_attn", "xformers"):
         if r.device != "cuda":
@@ -523,7 +545,8 @@ def mixed_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     total_q, H, hd = q.shape
     scale = _default_scale(softmax_scale, hd)
     req = _Request(device=q.device.type, dtype=q.dtype, head_dim=hd, gqa=H != k.shape[1], kv_offset=True,
-                   padding=False, bidir=bidir, bias=False, need_lse=bool(return_lse), varlen=True, grad=_needs_grad(q, k, v))
+                   padding=False, bidir=bidir, bias=False, need_lse=bool(return_lse), varlen=True,
+                   grad=_needs_grad(q, k, v), custom_scale=abs(scale - 1.0 / math.sqrt(hd)) > 1e-12)
     name = _select_backend(backend, req)
     if name == "triton":
         out, lse = flash_attention(q, k, v, image_span_ids=image_span_ids, bidirectional=bidir, softmax_scale=scale,
@@ -533,8 +556,13 @@ def mixed_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if name == "varlen":
         from torch.nn.attention.varlen import varlen_attn
 
+        kw = {"window_size": (-1, 0)} if "window_size" in _VARLEN_PARAMS else {"is_causal": True}
+        if H != k.shape[1]:
+            kw["enable_gqa"] = True
+        if "scale" in _VARLEN_PARAMS:
+            kw["scale"] = scale
         return varlen_attn(q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), max_seqlen_q,
-                           max_seqlen_k, scale=scale, window_size=(-1, 0), enable_gqa=H != k.shape[1])
+                           max_seqlen_k, **kw)
     if name == "flash_attn":
         from flash_attn import flash_attn_varlen_func
 
