@@ -630,7 +630,7 @@ def _gpu_selfcheck() -> int:  # pragma: no cover - needs a CUDA device
                 fin = torch.isfinite(rlse)
                 errs = {"out": rel_err(out, ref), "lse": rel_err(lse[fin], rlse[fin]),
                         **{f"d{n}": rel_err(a, b) for n, a, b in zip("qkv", g, rg)}}
-                ok = all(e < 2e-2 for e in errs.values())
+                ok = all(e < (3e-2 if dtype == torch.bfloat16 else 1e-2) for e in errs.values())
                 failed += not ok
                 print(json.dumps({"check": f"hd{hd},{str(dtype)[6:]},{mode}", "ok": ok, **errs}), flush=True)
 
