@@ -448,3 +448,17 @@ def test_aot_compile_specs():
         assert list(s.signature)[: len(s.fn.arg_names)] == list(s.fn.arg_names), s.name
     hds = {s.constexprs["HEAD_DIM"] for s in specs}
     assert {64, 80, 96, 128} <= hds
+
+
+def test_gpu_config_table_complete():
+    for cc in (8, 9):
+        for bucket in (64, 128):
+            for masked in (False, True):
+                cfgs = fa._GPU_CONFIGS[(cc, bucket, masked)]
+                for kname in ("fwd", "dq", "dkdv"):
+                    bm, bn, nw, ns = cfgs[kname]
+                    assert bm >= 16 and bn >= 16 and nw in (4, 8) and ns >= 1
+    # CPU tensors (interpreter) always get the small interpreter tiles
+    assert fa._configs_for(torch.device("cpu"), 128, True, True) == fa._INTERPRET_CONFIG
+    assert fa._pick({"dkdv": 1, "dkdv_varlen": 2}, "dkdv", True) == 2
+    assert fa._pick({"dkdv": 1, "dkdv_varlen": 2}, "dkdv", False) == 1

@@ -429,11 +429,12 @@ if HAS_TRITON:
 # compiles WITHOUT register spills for sm_90 / sm_80 (triton.compile + cuobjdump --dump-resource-usage, with the
 # 16-divisible stride hints the JIT uses at run time); aot_compile_specs() lists them all for the compile report.
 _GPU_CONFIGS = {
-    # (cc_major, d_bucket, masked): {"fwd": ..., "dq": ..., "dkdv": ...}
+    # (cc_major, d_bucket, masked): {"fwd": ..., "dq": ..., "dkdv": ...}; "<kernel>_varlen" overrides for packed input
     (9, 64, False): {"fwd": (128, 128, 8, 3), "dq": (128, 64, 8, 2), "dkdv": (32, 128, 8, 2)},
     (9, 64, True): {"fwd": (128, 128, 8, 3), "dq": (128, 64, 8, 2), "dkdv": (32, 128, 8, 2)},
     (9, 128, False): {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkdv": (32, 128, 8, 3)},
-    (9, 128, True): {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkdv": (32, 128, 8, 3)},
+    (9, 128, True): {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkdv": (32, 128, 8, 3),
+                     "dkdv_varlen": (32, 64, 8, 3)},  # 32x128 spills 16 B with the cu_seqlens bookkeeping
     (8, 64, False): {"fwd": (128, 128, 8, 3), "dq": (128, 64, 8, 2), "dkdv": (32, 64, 8, 2)},
     (8, 64, True): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 2), "dkdv": (32, 128, 8, 3)},
     (8, 128, False): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 2), "dkdv": (32, 64, 8, 2)},
@@ -447,11 +448,17 @@ def _d_bucket(block_d: int) -> int:
     return 64 if block_d <= 64 else 128
 
 
-def _configs_for(device: torch.device, block_d: int, masked: bool) -> dict:
+def _pick(cfgs: dict, kernel: str, varlen: bool) -> tuple:
+    return cfgs.get(kernel + "_varlen", cfgs[kernel]) if varlen else cfgs[kernel]
+
+
+def _configs_for(device: torch.device, block_d: int, masked: bool, varlen: bool = False) -> dict:
+    """{"fwd"|"dq"|"dkdv": (BLOCK_M, BLOCK_N, num_warps, num_stages)} for this device and problem."""
     if device.type != "cuda":
         return _INTERPRET_CONFIG
     major = torch.cuda.get_device_capability(device)[0]
-    return _GPU_CONFIGS[(9 if major >= 9 else 8, _d_bucket(block_d), bool(masked))]
+    cfgs = _GPU_CONFIGS[(9 if major >= 9 else 8, _d_bucket(block_d), bool(masked or varlen))]
+    return {k: _pick(cfgs, k, varlen) for k in ("fwd", "dq", "dkdv")}
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
@@ -571,7 +578,7 @@ def _fwd_impl(q, k, v, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale, bidir
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     ce = pr.common_constexprs(hd, q.dtype, q.device)
-    bm, bn, nw, ns = _configs_for(q.device, ce["BLOCK_D"], pr.has_kpm or pr.bidir or pr.varlen)["fwd"]
+    bm, bn, nw, ns = _configs_for(q.device, ce["BLOCK_D"], pr.has_kpm or pr.bidir, pr.varlen)["fwd"]
     grid = (triton.cdiv(pr.LQ, bm), pr.B * pr.H)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, pr.cu_q, pr.cu_k, pr.kv_lo, pr.kv_hi, pr.kpm, pr.span, pr.span_end,
@@ -600,7 +607,7 @@ def _bwd_impl(do, q, k, v, out, lse, dlse, kpm, span, cu_q, cu_k, max_q, max_k, 
     if dk.stride() != k.stride() or dv.stride() != v.stride() or lse.stride() != delta.stride():
         raise AssertionError("internal: dk/dv must share k/v strides and delta lse's")
     ce = pr.common_constexprs(hd, q.dtype, q.device)
-    cfg = _configs_for(q.device, ce["BLOCK_D"], pr.has_kpm or pr.bidir or pr.varlen)
+    cfg = _configs_for(q.device, ce["BLOCK_D"], pr.has_kpm or pr.bidir, pr.varlen)
     common = (*pr.qstrides(q), *pr.qstrides(k), *pr.qstrides(v), *pr.qstrides(do), *pr.lstrides(lse), pr.stride_mb,
               pr.stride_sb)
     bm, bn, nw, ns = cfg["dq"]
@@ -732,7 +739,7 @@ def aot_compile_specs() -> list:
                                                          ("DELTA", "fp32")],
                          ["KVH", "LQ", "LK", "qk_scale", "sm_scale"]),
                     ):
-                        bm, bn, nw, ns = cfgs[kname]
+                        bm, bn, nw, ns = _pick(cfgs, kname, is_varlen)
                         last = "SPAN_START" if kname == "dkdv" else "SPAN_END"
                         sig = {n: "*" + t for n, t in ptrs}
                         for n in ("CU_Q", "CU_K", "KV_LO", "KV_HI"):
