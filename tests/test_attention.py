@@ -462,3 +462,27 @@ def test_gpu_config_table_complete():
     assert fa._configs_for(torch.device("cpu"), 128, True, True) == fa._INTERPRET_CONFIG
     assert fa._pick({"dkdv": 1, "dkdv_varlen": 2}, "dkdv", True) == 2
     assert fa._pick({"dkdv": 1, "dkdv_varlen": 2}, "dkdv", False) == 1
+
+
+def test_empty_inputs():
+    q, k, v = _make(1, 2, 1, 0, 5, 16)
+    for be in ("triton", "math", "sdpa"):
+        assert mixed_attention(q, k, v, backend=be).shape == (1, 2, 0, 16)
+    # varlen with an empty sequence (0 queries, 0 keys) between real ones
+    lq = [3, 0, 18]
+    qv, kv_, vv, cq, ck = _varlen_inputs(lq, lq, 2, 1, 16)
+    qs, ks, vs = (t.clone().requires_grad_() for t in (qv, kv_, vv))
+    out, lse = mixed_attention_varlen(qs, ks, vs, cq, ck, 18, 18, backend="triton", return_lse=True)
+    ref, rlse = mixed_attention_varlen(qv.double(), kv_.double(), vv.double(), cq, ck, 18, 18, backend="math",
+                                       return_lse=True)
+    assert rel_err(out, ref) < 1e-5 and rel_err(lse, rlse) < 1e-5
+    grads = torch.autograd.grad(out.sum(), (qs, ks, vs))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_triton_refuses_fp32_on_cuda():
+    req = att._Request(device="cuda", dtype=torch.float32, head_dim=64, gqa=False, kv_offset=False, padding=True,
+                       bidir=False, bias=False, need_lse=False, varlen=False)
+    if available_attention_backends()["triton"] is None:
+        assert "fp16/bf16" in att._unsupported_reason("triton", req)
+    assert att._unsupported_reason("triton", att._Request(**dict(req.__dict__, head_dim=256))) is not None

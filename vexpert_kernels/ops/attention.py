@@ -181,6 +181,9 @@ def _unsupported_reason(backend: str, r: _Request) -> Optional[str]:
             return f"triton cannot run on {r.device} tensors"
         if r.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return f"triton supports fp16/bf16/fp32, got {r.dtype}"
+        if r.device == "cuda" and r.dtype == torch.float32:
+            # the GPU tile configs are sized (and spill-checked) for 2-byte inputs; fp32 tiles would spill
+            return "triton on CUDA takes fp16/bf16 (fp32 only under the CPU interpreter); use sdpa/flex/math for fp32"
         if r.head_dim > 128:
             return f"triton supports head dims up to 128 (larger ones spill registers), got {r.head_dim}"
         return None
