@@ -148,7 +148,8 @@ class VisualExpertBlock(nn.Module):
         backend = self._resolve_backend(x)
         self._last_backend = backend
         gemm_backend = "triton" if backend == "triton" else "torch"
-        norm_backend = "triton" if backend == "triton" else "torch"
+        # on CUDA let rmsnorm pick (csrc kernel > Triton > torch); on CPU run the Triton kernel through the interpreter
+        norm_backend = "auto" if x.is_cuda else ("triton" if backend == "triton" else "torch")
         B, L = plan.batch_size, plan.seq_len
         H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 

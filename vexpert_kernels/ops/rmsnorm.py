@@ -75,6 +75,12 @@ def _fwd_warps(block_d: int) -> int:
     return 4 if block_d <= 2048 else (8 if block_d <= 8192 else 16)
 
 
+def _bwd_warps(block_d: int) -> int:
+    # backward keeps dy, x, w and the dW partial live per column: past 4096 columns 8 warps spill (measured with
+    # compile_report: 255 registers + stack at D=5120 on sm_80/sm_90a), so spread the row over 16 warps
+    return 4 if block_d <= 1024 else (8 if block_d <= 4096 else 16)
+
+
 def _triton_fwd(x, weight, eps, dst):
     R, D = x.shape
     y = torch.empty_like(x)
@@ -97,20 +103,20 @@ def _triton_bwd(dy, x, weight, rstd, dst):
     part = torch.empty(nprog, D, dtype=torch.float32, device=x.device)
     bd = _block_d(D)
     _rmsnorm_bwd_kernel[(nprog,)](dy, x, weight, rstd, dst if dst is not None else x, dx, part, R, D, rpp,
-                                  HAS_DST=dst is not None, BLOCK_D=bd, num_warps=_fwd_warps(bd))
+                                  HAS_DST=dst is not None, BLOCK_D=bd, num_warps=_bwd_warps(bd))
     # fixed-shape sum over programs: deterministic
     return dx, part.sum(0).to(weight.dtype)
 
 
 def aot_compile_specs():
-    """CompileSpec for every config the Triton dispatcher may pick at the shapes that matter (D = 4096, 5120)."""
+    """CompileSpec for every config the Triton dispatcher may pick (auto uses Triton only up to D = 4096)."""
     from .._aot import CompileSpec
 
     if not HAS_TRITON:
         return []
     specs = []
     ty = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-    for D in (4096, 5120):
+    for D in (1024, _TRITON_AUTO_MAX_D):  # the widths auto may send to Triton on a GPU (see _pick_backend)
         bd = _block_d(D)
         for xd, wd in ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)):
             for has_dst in (True, False):
@@ -126,7 +132,7 @@ def aot_compile_specs():
                     signature={"DY": f"*{ty[xd]}", "X": f"*{ty[xd]}", "W": f"*{ty[wd]}", "RSTD": "*fp32",
                                "DST": "*i64", "DX": f"*{ty[xd]}", "DW_PART": "*fp32", "R": "i32", "D": "i32",
                                "rows_per_prog": "i32", "HAS_DST": "constexpr", "BLOCK_D": "constexpr"},
-                    constexprs={"HAS_DST": has_dst, "BLOCK_D": bd}, num_warps=_fwd_warps(bd), num_stages=1))
+                    constexprs={"HAS_DST": has_dst, "BLOCK_D": bd}, num_warps=_bwd_warps(bd), num_stages=1))
     return specs
 
 
@@ -203,6 +209,9 @@ def _validate(x, weight, eps, name="x"):
         raise ValueError(f"eps must be a finite non-negative float, got {eps!r}")
 
 
+_TRITON_AUTO_MAX_D = 4096
+
+
 def _kernel_ok(x, weight) -> bool:
     return x.dtype in _KERNEL_DTYPES and (weight.dtype == x.dtype or weight.dtype == torch.float32)
 
@@ -217,7 +226,9 @@ def _pick_backend(backend: str, x: torch.Tensor, weight: torch.Tensor) -> str:
         from .._cuda import cuda_extension_available, rmsnorm_max_dim
         if D <= rmsnorm_max_dim(x.dtype, aligned=False) and cuda_extension_available():
             return "cuda"
-        return "triton" if HAS_TRITON and D <= 65536 else "torch"
+        # Triton's backward spills past 4096 columns (compile_report: 128 regs + 80-160 B stack at D=5120 with
+        # 16 warps), so auto only picks it where it was checked spill-free
+        return "triton" if HAS_TRITON and D <= _TRITON_AUTO_MAX_D else "torch"
     if backend in ("cuda", "triton") and not _kernel_ok(x, weight):
         raise TypeError(f"backend={backend!r} supports x in fp32/fp16/bf16 with weight of x's dtype or fp32, got "
                         f"x {x.dtype}, weight {weight.dtype}")
