@@ -486,3 +486,11 @@ def test_triton_refuses_fp32_on_cuda():
     if available_attention_backends()["triton"] is None:
         assert "fp16/bf16" in att._unsupported_reason("triton", req)
     assert att._unsupported_reason("triton", att._Request(**dict(req.__dict__, head_dim=256))) is not None
+
+
+def test_attention_backend_reason():
+    q, k, v = _make(1, 2, 1, 8, 8, 16)
+    assert att.attention_backend_reason("math", q, k, v) is None
+    assert "lse" in att.attention_backend_reason("sdpa", q, k, v, return_lse=True)
+    assert "attn_bias" in att.attention_backend_reason("triton", q, k, v, attn_bias=torch.zeros(1, 1, 8, 8))
+    assert att.attention_backend_reason("nope", q, k, v) is not None

@@ -1,5 +1,6 @@
 """Functional ops (kernels -> launcher -> autograd -> torch.library registration), one file per op."""
 from vexpert_kernels.ops.attention import (  # noqa: E402,F401
+    attention_backend_reason,
     available_attention_backends,
     mixed_attention,
     mixed_attention_varlen,

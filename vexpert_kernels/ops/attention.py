@@ -440,25 +440,9 @@ def _default_scale(softmax_scale, hd):
 
 
 # ------------------------------------------------------------------------------------------------- public API
-def mixed_attention(q, k, v, plan=None, *, key_padding_mask=None, image_span_ids=None, image_attention="causal",
-                    attn_bias=None, softmax_scale=None, return_lse=False, backend="auto"):
-    """Causal attention for mixed image/text sequences.
-
-    Args:
-        q: [B, H, Lq, hd]; k, v: [B, KV, Lk, hd] with H % KV == 0 (GQA, K/V never repeated in memory for
-            triton/sdpa/flex) and Lk >= Lq: query i sits at key position Lk - Lq + i (bottom-right causal).
-        plan: optional RoutingPlan; if Lk == plan.seq_len, key_padding_mask defaults to plan.attention_mask and
-            image_span_ids to the last Lq columns of plan.image_span_ids.
-        key_padding_mask: bool [B, Lk] keep mask (True = real key).
-        image_span_ids: int [B, Lq]: 0 outside images, equal nonzero ids on one contiguous image span.
-        image_attention: "causal" (default) or "bidirectional" (tokens of one image span see each other fully).
-        attn_bias: additive float mask broadcastable to [B, H, Lq, Lk]; replaces causal/padding/span semantics
-            (the caller's mask is the whole truth). sdpa and math only.
-        softmax_scale: default 1/sqrt(hd). return_lse: also return lse fp32 [B, H, Lq] (natural log; -inf on rows
-            with no visible key, whose output is 0). backend: "auto" or one of BACKENDS.
-    Returns:
-        out [B, H, Lq, hd] (q's dtype), or (out, lse).
-    """
+def _resolve_padded(q, k, v, plan, key_padding_mask, image_span_ids, image_attention, attn_bias, softmax_scale,
+                    return_lse):
+    """Validate a padded-layout request, apply the plan's defaults; -> (key_padding_mask, spans, bidir, scale, req)."""
     _check_qkv(q, k, v, varlen=False)
     _check_mode(image_attention)
     B, H, Lq, hd = q.shape
@@ -493,6 +477,43 @@ def mixed_attention(q, k, v, plan=None, *, key_padding_mask=None, image_span_ids
     req = _Request(device=q.device.type, dtype=q.dtype, head_dim=hd, gqa=H != KV, kv_offset=Lk > Lq,
                    padding=key_padding_mask is not None, bidir=bidir, bias=attn_bias is not None,
                    need_lse=bool(return_lse), varlen=False, grad=_needs_grad(q, k, v))
+    return key_padding_mask, image_span_ids, bidir, scale, req
+
+
+def attention_backend_reason(backend, q, k, v, plan=None, *, key_padding_mask=None, image_span_ids=None,
+                             image_attention="causal", attn_bias=None, softmax_scale=None, return_lse=False):
+    """None if ``mixed_attention(q, k, v, plan, ..., backend=backend)`` can run with exactly these semantics, else
+    the reason it would raise (for benchmarks and callers that want to skip instead of catching ValueError)."""
+    req = _resolve_padded(q, k, v, plan, key_padding_mask, image_span_ids, image_attention, attn_bias, softmax_scale,
+                          return_lse)[-1]
+    if backend not in BACKENDS:
+        return f"backend must be one of {BACKENDS}, got {backend!r}"
+    return _unsupported_reason(backend, req)
+
+
+def mixed_attention(q, k, v, plan=None, *, key_padding_mask=None, image_span_ids=None, image_attention="causal",
+                    attn_bias=None, softmax_scale=None, return_lse=False, backend="auto"):
+    """Causal attention for mixed image/text sequences.
+
+    Args:
+        q: [B, H, Lq, hd]; k, v: [B, KV, Lk, hd] with H % KV == 0 (GQA, K/V never repeated in memory for
+            triton/sdpa/flex) and Lk >= Lq: query i sits at key position Lk - Lq + i (bottom-right causal).
+        plan: optional RoutingPlan; if Lk == plan.seq_len, key_padding_mask defaults to plan.attention_mask and
+            image_span_ids to the last Lq columns of plan.image_span_ids.
+        key_padding_mask: bool [B, Lk] keep mask (True = real key).
+        image_span_ids: int [B, Lq]: 0 outside images, equal nonzero ids on one contiguous image span.
+        image_attention: "causal" (default) or "bidirectional" (tokens of one image span see each other fully).
+        attn_bias: additive float mask broadcastable to [B, H, Lq, Lk]; replaces causal/padding/span semantics
+            (the caller's mask is the whole truth). sdpa and math only.
+        softmax_scale: default 1/sqrt(hd). return_lse: also return lse fp32 [B, H, Lq] (natural log; -inf on rows
+            with no visible key, whose output is 0). backend: "auto" or one of BACKENDS.
+    Returns:
+        out [B, H, Lq, hd] (q's dtype), or (out, lse).
+    """
+    key_padding_mask, image_span_ids, bidir, scale, req = _resolve_padded(
+        q, k, v, plan, key_padding_mask, image_span_ids, image_attention, attn_bias, softmax_scale, return_lse)
+    B, H, Lq, hd = q.shape
+    Lk = k.shape[2]
     name = _select_backend(backend, req)
 
     if name == "triton":
