@@ -162,8 +162,11 @@ class VisualExpertBlock(nn.Module):
         present = (k, v) if use_cache else None
         key_padding_mask, attn_bias = self._masks(attention_mask, plan, k.shape[2])
         spans = plan.image_span_ids if cfg.image_attention == "bidirectional" else None
+        attention_backend = self.attention_backend
+        if attention_backend == "auto" and backend == "triton" and not x.is_cuda and attn_bias is None:
+            attention_backend = "triton"  # CPU + interpreter: run OUR kernel (auto would pick sdpa there)
         o = mixed_attention(q, k, v, key_padding_mask=key_padding_mask, image_span_ids=spans,
-                            image_attention=cfg.image_attention, attn_bias=attn_bias, backend=self.attention_backend)
+                            image_attention=cfg.image_attention, attn_bias=attn_bias, backend=attention_backend)
         o = plan.permute(o.transpose(1, 2).reshape(B, L, H * hd))
 
         dv, dl = attn.vision_expert_dense, attn.language_expert_dense
