@@ -300,8 +300,12 @@ def test_varlen_matches_reference(backend, mode):
     if want_lse:
         assert lse.shape == (4, sum(lq)) and rel_err(lse, ref_lse) < 1e-5
     do = torch.randn_like(out)
-    grads = torch.autograd.grad((out * do).sum(), (qs, ks, vs))
-    ref_grads = torch.autograd.grad((ref * do.double()).sum(), (q64, k64, v64))
+    loss, ref_loss = (out * do).sum(), (ref * do.double()).sum()
+    if want_lse:  # lse is differentiable too (folded into the backward's D = rowsum(dO*O) - dlse)
+        dl = torch.randn_like(lse)
+        loss, ref_loss = loss + (lse * dl).sum(), ref_loss + (ref_lse * dl.double()).sum()
+    grads = torch.autograd.grad(loss, (qs, ks, vs))
+    ref_grads = torch.autograd.grad(ref_loss, (q64, k64, v64))
     for gr, rg in zip(grads, ref_grads):
         assert rel_err(gr, rg) < 4e-5
 
@@ -443,7 +447,8 @@ def test_aot_compile_specs():
     names = [s.name for s in specs]
     assert len(names) == len(set(names)) and len(specs) > 0
     kernels = {s.fn for s in specs}
-    assert kernels == {fa._attn_fwd_kernel, fa._attn_bwd_dq_kernel, fa._attn_bwd_dkdv_kernel}
+    assert kernels == {fa._attn_fwd_kernel, fa._attn_bwd_dq_kernel, fa._attn_bwd_dkdv_kernel,
+                       fa._attn_bwd_preprocess_kernel}
     for s in specs:
         assert list(s.signature)[: len(s.fn.arg_names)] == list(s.fn.arg_names), s.name
     hds = {s.constexprs["HEAD_DIM"] for s in specs}

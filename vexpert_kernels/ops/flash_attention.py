@@ -419,6 +419,40 @@ if HAS_TRITON:
         tl.store(DK + k_off + offs_n[:, None] * stride_kl + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nd_mask)
         tl.store(DV + v_off + offs_n[:, None] * stride_vl + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd_mask)
 
+    @triton.jit
+    def _attn_bwd_preprocess_kernel(
+        O, DO, DLSE, DELTA, CU_Q,
+        stride_ob, stride_oh, stride_ol, stride_db, stride_dh, stride_dl, stride_lb, stride_lh, stride_ll,
+        H, LQ,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr,
+        HAS_DLSE: tl.constexpr,
+    ):
+        """DELTA = rowsum(dO * O) - dlse in fp32 (lse layout), reading O and dO once each in their own dtype."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        q_start, len_q, k_start, len_k = _seq_bounds(CU_Q, CU_Q, b, LQ, LQ, IS_VARLEN)
+        start_m = pid_m * BLOCK_M
+        if start_m >= len_q:
+            return
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_valid = offs_m < len_q
+        mask = m_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+        b64 = b.to(tl.int64)
+        h64 = h.to(tl.int64)
+        rows = q_start.to(tl.int64) + offs_m
+        o = tl.load(O + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_ol + offs_d[None, :], mask=mask,
+                    other=0.0)
+        do = tl.load(DO + b64 * stride_db + h64 * stride_dh + rows[:, None] * stride_dl + offs_d[None, :], mask=mask,
+                     other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        l_ptrs = b64 * stride_lb + h64 * stride_lh + rows * stride_ll
+        if HAS_DLSE:
+            delta -= tl.load(DLSE + l_ptrs, mask=m_valid, other=0.0)
+        tl.store(DELTA + l_ptrs, delta, mask=m_valid)
+
 
 # ----------------------------------------------------------------------------------------------------------- configs
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, keyed by (compute capability major, head-dim bucket, masked),
@@ -440,6 +474,8 @@ _GPU_CONFIGS = {
     (8, 128, False): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 2), "dkdv": (32, 64, 8, 2)},
     (8, 128, True): {"fwd": (128, 32, 8, 3), "dq": (64, 32, 4, 2), "dkdv": (32, 64, 8, 2)},
 }
+# rowsum(dO*O): memory bound, one pass; 64 rows x up to 128 dims per program keeps it spill-free on 4 warps.
+_PREPROCESS_CONFIG = (64, 4)
 # The interpreter runs every tile op in numpy: the smallest legal tl.dot tiles keep tests fast.
 _INTERPRET_CONFIG = {"fwd": (16, 16, 4, 1), "dq": (16, 16, 4, 1), "dkdv": (16, 16, 4, 1)}
 
@@ -592,13 +628,18 @@ def _bwd_impl(do, q, k, v, out, lse, dlse, kpm, span, cu_q, cu_k, max_q, max_k, 
     require_triton("the triton attention backend")
     pr = _Prepared(q, k, kpm, span, cu_q, cu_k, max_q, max_k, bidir)
     hd = q.shape[-1]
-    # preprocess: D = rowsum(dO * O) (fp32), minus dlse so that lse is differentiable too (dS = P (dP - D + dlse))
-    delta = (do.float() * out.float()).sum(-1)
-    delta = delta.permute(1, 0) if pr.varlen else delta  # -> lse layout
-    if dlse is not None:
-        delta = delta - dlse.float()
-    delta = delta.contiguous()
     do = do.contiguous()
+    # preprocess: D = rowsum(dO * O) (fp32), minus dlse so that lse is differentiable too (dS = P (dP - D + dlse))
+    delta = torch.empty_like(lse)
+    if dlse is not None:
+        dlse = dlse.float().contiguous()
+    if q.numel() > 0:
+        bm, nw = _PREPROCESS_CONFIG if q.is_cuda else (16, 4)
+        _attn_bwd_preprocess_kernel[(triton.cdiv(pr.LQ, bm), pr.B * pr.H)](
+            out, do, dlse if dlse is not None else delta, delta, pr.cu_q,
+            *pr.qstrides(out), *pr.qstrides(do), *pr.lstrides(lse), pr.H, pr.LQ,
+            HEAD_DIM=hd, BLOCK_D=_block_d(hd), BLOCK_M=bm, IS_VARLEN=pr.varlen, HAS_DLSE=dlse is not None,
+            num_warps=nw)
     dq = _new_like(do)  # DQ is written with DO's strides (stride_o*)
     dk = _new_like(k)  # k/v are dense (see flash_attention): empty_like keeps their strides
     dv = _new_like(v)
@@ -761,4 +802,22 @@ def aot_compile_specs() -> list:
                             # row/head/batch strides of q/k/v/o are multiples of 16 elements for head dims 64..128:
                             # the JIT specialises on that at run time (vectorised 16-byte loads), so the AOT build must
                             extra={"divisible_by_16": list(strides[:12])}))
+    for cc in (9, 8):
+        for hd in (64, 80, 96, 128):
+            for dtype, dname in tdt.items():
+                for is_varlen, has_dlse in ((False, False), (True, True)):
+                    bm, nw = _PREPROCESS_CONFIG
+                    consts = dict(HEAD_DIM=hd, BLOCK_D=_block_d(hd), BLOCK_M=bm, IS_VARLEN=is_varlen, HAS_DLSE=has_dlse)
+                    sig = {"O": "*" + dname, "DO": "*" + dname, "DLSE": "*fp32", "DELTA": "*fp32", "CU_Q": "*i32"}
+                    for n in ("stride_ob", "stride_oh", "stride_ol", "stride_db", "stride_dh", "stride_dl",
+                              "stride_lb", "stride_lh", "stride_ll", "H", "LQ"):
+                        sig[n] = "i32"
+                    sig.update({n: "constexpr" for n in consts})
+                    specs.append(CompileSpec(
+                        name=f"flash_attn_bwd_pre[sm{cc}x,{'varlen' if is_varlen else 'padded'},{dname},hd{hd},"
+                             f"{bm},w{nw}]",
+                        fn=_attn_bwd_preprocess_kernel, signature=sig, constexprs=consts, num_warps=nw,
+                        num_stages=1, targets=(cc * 10,),
+                        extra={"divisible_by_16": ["stride_ob", "stride_oh", "stride_ol", "stride_db", "stride_dh",
+                                                   "stride_dl"]}))
     return specs
