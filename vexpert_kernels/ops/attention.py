@@ -5,9 +5,11 @@ model on every backend (see :mod:`vexpert_kernels.ops.flash_attention` for the e
 causal (KV-cache prefill/decode), key padding, GQA, and optionally bidirectional attention inside contiguous image
 spans (the CogVLM paper's ablation). Backends:
 
-  triton      ours (flash_attention.py): CUDA, or CPU tensors under TRITON_INTERPRET=1. Everything but attn_bias.
+  triton      ours (flash_attention.py): CUDA (fp16/bf16), or CPU tensors under TRITON_INTERPRET=1 (also fp32);
+              head dim <= 128. Everything but attn_bias; returns lse; deterministic backward.
   sdpa        torch scaled_dot_product_attention; a boolean mask when the request needs one. No lse.
   flex        torch.nn.attention.flex_attention with a block mask (skips masked blocks; natural for image spans).
+              On CPU it runs eagerly and has no backward (refused when inputs require grad).
   varlen      torch.nn.attention.varlen.varlen_attn (CUDA flash): packed causal only.
   flash_attn  flash-attn 2 when installed (CUDA, fp16/bf16): causal, no padding, no image spans.
   xformers    xformers when installed (CUDA): causal, no padding, no image spans.
