@@ -26,6 +26,10 @@ walks that expert's rows in order with an fp32 accumulator -> deterministic, no 
 Saved for backward: the inputs only (x, weights); SwiGLU recomputes gate/up from x in one fused kernel
 (``EPI_SWIGLU_BWD``: the GEMM's epilogue turns dh into dgate, dup directly) and QKV re-derives the pre-RoPE gradient
 by the inverse rotation of dq, dk (RoPE is orthogonal), so no [T, 2I] or [T, N] intermediate is kept.
+
+QKV forward tiles: one tile = BLOCK_M rows x one head's BLOCK_N first-half columns (accumulator 1) and the matching
+second-half columns (accumulator 2, the RoPE partners); cos/sin come from an fp32 [T, hd/2] table built by torch
+(HF's numerics). Both choices keep the epilogue free of spills on sm_90/sm_80 (the compile report lists registers).
 """
 from __future__ import annotations
 
@@ -90,7 +94,7 @@ if HAS_TRITON:
     def _routed_gemm_kernel(
         x_ptr, wv_ptr, wl_ptr, w2v_ptr, w2l_ptr,          # w2*: up weights (SwiGLU), else any pointer
         bv_ptr, bl_ptr, res_ptr, out_ptr, out2_ptr, dh_ptr,
-        offsets_ptr, perm_ptr, pos_ptr, inv_freq_ptr, k_out_ptr, v_out_ptr,
+        offsets_ptr, perm_ptr, cos_ptr, sin_ptr, k_out_ptr, v_out_ptr,
         N, K,
         stride_xm, stride_xk, stride_wn, stride_wk,
         stride_om, stride_rm, stride_dm,
@@ -118,13 +122,20 @@ if HAS_TRITON:
             row_mask = rows < row_end
             rows64 = rows.to(tl.int64)
             if EPILOGUE == 3:
-                # QKV: the tile's BLOCK_N "half columns" pair column (head, j) with (head, j + hd/2), the RoPE
-                # partner; two accumulators hold the two halves, so the rotation is elementwise (no shuffles).
+                # QKV: a tile covers BLOCK_N columns j of ONE head's first half (acc, x1) and the same columns
+                # j + hd/2 of its second half (acc2, x2), the RoPE partners, so the rotation is elementwise.
+                # pid_n = head * N_CHUNKS + chunk; BLOCK_N is a power of 2 (hd/2 = 40, 48: padded, masked).
+                # The head being a per-tile scalar makes the q/k/v choice, the rotation and the destination row
+                # scalars/row vectors, so the stores are contiguous (vectorized) rows; the old column-pair design
+                # built per-element 64-bit addresses and selects, which spilled.
                 HALF: tl.constexpr = HEAD_DIM // 2
-                hcols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-                col_mask = hcols < N // 2
-                head = hcols // HALF
-                jj = hcols % HALF
+                N_CHUNKS: tl.constexpr = (HALF + BLOCK_N - 1) // BLOCK_N
+                head = pid_n // N_CHUNKS
+                jj = (pid_n % N_CHUNKS) * BLOCK_N + tl.arange(0, BLOCK_N)
+                if HALF % BLOCK_N == 0:
+                    col_mask = tl.full([BLOCK_N], 1, tl.int1)
+                else:
+                    col_mask = jj < HALF
                 cols = head * HEAD_DIM + jj
                 cols2 = cols + HALF
             else:
@@ -200,37 +211,30 @@ if HAS_TRITON:
                 tl.store(out2_ptr + rows64[:, None] * stride_om + cols64[None, :],
                          du.to(out2_ptr.dtype.element_ty), mask=out_mask)
             else:
-                # QKV epilogue: acc = first halves x1, acc2 = second halves x2 of the tile's heads
-                pos = tl.load(pos_ptr + rows, mask=row_mask, other=0.0)
-                inv_freq = tl.load(inv_freq_ptr + jj, mask=col_mask, other=0.0)
-                ang = pos[:, None] * inv_freq[None, :]                  # fp32, like HF's table
-                c = tl.cos(ang)
-                s = tl.sin(ang)
-                rot = (head < num_heads + num_kv_heads)[None, :]        # v heads pass through
-                o1 = tl.where(rot, acc * c - acc2 * s, acc)
-                o2 = tl.where(rot, acc2 * c + acc * s, acc2)
+                # QKV epilogue (tile = part of head `head`). cos/sin come from an fp32 [T, hd/2] table (torch, HF's
+                # numerics): tl.cos/tl.sin would inline libdevice's Payne-Hanek slow path per element (a 28-byte
+                # local array and hundreds of instructions).
+                o1 = acc
+                o2 = acc2
+                if head < num_heads + num_kv_heads:                   # q and k heads rotate, v passes through
+                    cs_off = rows64[:, None] * HALF + jj[None, :]
+                    c = tl.load(cos_ptr + cs_off, mask=out_mask, other=1.0)
+                    s = tl.load(sin_ptr + cs_off, mask=out_mask, other=0.0)
+                    o1 = acc * c - acc2 * s
+                    o2 = acc2 * c + acc * s
                 p = tl.load(perm_ptr + rows, mask=row_mask, other=0).to(tl.int64)
                 bb = p // seq_len
                 ll = p % seq_len
                 is_q = head < num_heads
                 is_k = (head >= num_heads) & (head < num_heads + num_kv_heads)
-                is_v = head >= num_heads + num_kv_heads
-                nh_t = tl.where(is_q, num_heads, num_kv_heads).to(tl.int64)
+                nh = tl.where(is_q, num_heads, num_kv_heads).to(tl.int64)
                 h_loc = tl.where(is_q, head, tl.where(is_k, head - num_heads, head - num_heads - num_kv_heads))
+                o_base = tl.where(is_q, out_ptr, tl.where(is_k, k_out_ptr, v_out_ptr))
                 # row i lands at sequence position perm[i] = b*L + l of [B, heads, L, hd]
-                dst = ((bb[:, None] * nh_t[None, :] + h_loc.to(tl.int64)[None, :]) * seq_len
-                       + ll[:, None]) * HEAD_DIM + jj[None, :]
-                o1 = o1.to(out_ptr.dtype.element_ty)
-                o2 = o2.to(out_ptr.dtype.element_ty)
-                mq = out_mask & is_q[None, :]
-                tl.store(out_ptr + dst, o1, mask=mq)
-                tl.store(out_ptr + dst + HALF, o2, mask=mq)
-                mk = out_mask & is_k[None, :]
-                tl.store(k_out_ptr + dst, o1, mask=mk)
-                tl.store(k_out_ptr + dst + HALF, o2, mask=mk)
-                mv = out_mask & is_v[None, :]
-                tl.store(v_out_ptr + dst, o1, mask=mv)
-                tl.store(v_out_ptr + dst + HALF, o2, mask=mv)
+                row_off = ((bb * nh + h_loc.to(tl.int64)) * seq_len + ll) * HEAD_DIM
+                o_ptrs = o_base + row_off[:, None] + jj[None, :]
+                tl.store(o_ptrs, o1.to(out_ptr.dtype.element_ty), mask=out_mask)
+                tl.store(o_ptrs + HALF, o2.to(out_ptr.dtype.element_ty), mask=out_mask)
 
     @triton.jit
     def _routed_wgrad_kernel(
@@ -303,16 +307,17 @@ _GEMM_CONFIGS = {
             "large": (128, 256, 64, 8, 8, 3),
             "medium": (128, 128, 64, 8, 8, 4),
             "small": (64, 128, 64, 8, 4, 4),
-            "dual": (128, 128, 64, 8, 8, 3),        # SwiGLU / QKV: two fp32 accumulators
+            "dual": (128, 128, 64, 8, 8, 3),        # SwiGLU: two fp32 accumulators
             "dual_small": (64, 128, 64, 8, 4, 3),
             "dual_bwd": (128, 64, 64, 8, 8, 3),      # SwiGLU backward: + dh tile and two outputs
-            "qkv": (64, 64, 64, 8, 4, 3),            # RoPE epilogue holds x1, x2, cos, sin and 6 store masks
+            # QKV: BLOCK_N = half-head width (x2 accumulators: 128 rows x one hd=128 head); 184 regs, no spill
+            "qkv": (128, 64, 64, 8, 8, 3),
         },
         # fp32 inputs run as TF32 on tensor cores (like torch's allow_tf32); fp32 tiles are twice as wide in smem
         # and registers, so smaller tiles (tf32x3 spilled at every useful tile size: not used)
         "fp32": {"large": (64, 128, 32, 8, 8, 3), "medium": (64, 128, 32, 8, 8, 3), "small": (64, 128, 32, 8, 8, 3),
                  "dual": (64, 64, 32, 8, 4, 2), "dual_small": (64, 64, 32, 8, 4, 2),
-                 "dual_bwd": (64, 64, 32, 8, 4, 2), "qkv": (64, 64, 32, 8, 8, 2)},
+                 "dual_bwd": (64, 64, 32, 8, 4, 2), "qkv": (128, 64, 32, 8, 8, 3)},
     },
     80: {
         "16bit": {
@@ -323,11 +328,11 @@ _GEMM_CONFIGS = {
             "dual": (128, 64, 32, 8, 8, 3),
             "dual_small": (64, 128, 32, 8, 4, 3),
             "dual_bwd": (128, 64, 32, 8, 8, 3),
-            "qkv": (64, 64, 32, 8, 4, 3),
+            "qkv": (128, 64, 32, 8, 8, 3),           # 212 regs; BLOCK_K 64 spills, 4 warps spills
         },
         "fp32": {"large": (64, 128, 32, 8, 8, 3), "medium": (64, 128, 32, 8, 8, 3), "small": (64, 128, 32, 8, 8, 3),
                  "dual": (64, 128, 32, 8, 8, 3), "dual_small": (64, 128, 32, 8, 8, 3),
-                 "dual_bwd": (64, 128, 32, 8, 8, 3), "qkv": (64, 64, 32, 8, 8, 2)},
+                 "dual_bwd": (64, 128, 32, 8, 8, 3), "qkv": (64, 64, 32, 8, 8, 3)},
     },
 }
 _WGRAD_CONFIGS = {  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -370,6 +375,12 @@ def _gemm_config(device, dtype, T, N, K, epilogue, plain=True):
     return table[key]
 
 
+def _qkv_block_n(head_dim: int, max_bn: int) -> int:
+    """Half-head chunk width of the QKV kernel: the power of 2 >= hd/2 (at least 16, the smallest MMA N), capped
+    at the config's BLOCK_N (hd 256 -> two 64-wide chunks per head)."""
+    return min(max_bn, max(16, triton.next_power_of_2(head_dim // 2)))
+
+
 def _wgrad_config(device, N, K):
     table = _INTERP_WGRAD if device.type == "cpu" else _WGRAD_CONFIGS[_cc(device)]
     return table["large" if N * K >= (1 << 22) else "small"]
@@ -388,7 +399,7 @@ def _precision(dtype) -> str:
 
 # ============================================================================================== launchers
 def _launch_gemm(x, wv, wl, offsets, out, *, epilogue=EPI_LINEAR, w2v=None, w2l=None, bv=None, bl=None,
-                 residual=None, out2=None, dh=None, perm=None, pos=None, inv_freq=None, k_out=None, v_out=None,
+                 residual=None, out2=None, dh=None, perm=None, cos=None, sin=None, k_out=None, v_out=None,
                  seq_len=1, num_heads=0, num_kv_heads=0, head_dim=0, n_cols=None):
     """Launch the grouped GEMM. ``wv``/``wl`` are [N, K]-shaped views (any strides, identical for both experts)."""
     T, K = x.shape
@@ -403,7 +414,11 @@ def _launch_gemm(x, wv, wl, offsets, out, *, epilogue=EPI_LINEAR, w2v=None, w2l=
         w2l = w2l.contiguous() if w2l is not None else None
     BM, BN, BK, GM, nw, ns = _gemm_config(x.device, x.dtype, T, N, K, epilogue,
                                           plain=residual is None and wv.stride(-1) == 1)
-    num_n = triton.cdiv(N // 2 if epilogue == EPI_QKV_ROPE else N, BN)  # QKV tiles count column pairs
+    if epilogue == EPI_QKV_ROPE:  # tiles = heads x half-head chunks of BLOCK_N columns (see the kernel)
+        BN = _qkv_block_n(head_dim, BN)
+        num_n = (N // head_dim) * triton.cdiv(head_dim // 2, BN)
+    else:
+        num_n = triton.cdiv(N, BN)
     max_tiles = (triton.cdiv(T, BM) + 1) * num_n  # the expert split adds at most one partial M tile
     grid = (max(1, min(_num_programs(x.device), max_tiles)),)
     dummy = out
@@ -412,8 +427,8 @@ def _launch_gemm(x, wv, wl, offsets, out, *, epilogue=EPI_LINEAR, w2v=None, w2l=
         bv if bv is not None else dummy, bl if bl is not None else dummy,
         residual if residual is not None else dummy, out, out2 if out2 is not None else dummy,
         dh if dh is not None else dummy,
-        offsets, perm if perm is not None else offsets, pos if pos is not None else dummy,
-        inv_freq if inv_freq is not None else dummy, k_out if k_out is not None else dummy,
+        offsets, perm if perm is not None else offsets, cos if cos is not None else dummy,
+        sin if sin is not None else dummy, k_out if k_out is not None else dummy,
         v_out if v_out is not None else dummy,
         N, K,
         x.stride(0), x.stride(1), wv.stride(0), wv.stride(1),
@@ -649,8 +664,9 @@ def _qkv_fwd_impl(x, wv, wl, offsets, nv, bv, bl, perm, pos, inv_freq, B, L, H, 
     q = _out(x, B, H, L, hd)
     k = _out(x, B, KV, L, hd)
     v = _out(x, B, KV, L, hd)
-    _launch_gemm(x, wv, wl, offsets, q, epilogue=EPI_QKV_ROPE, bv=bv, bl=bl, perm=perm, pos=pos,
-                 inv_freq=inv_freq, k_out=k, v_out=v, seq_len=L, num_heads=H, num_kv_heads=KV, head_dim=hd,
+    cos, sin = _rope_cos_sin(pos, inv_freq)  # [T, hd/2] fp32 each, read by the epilogue (see the kernel)
+    _launch_gemm(x, wv, wl, offsets, q, epilogue=EPI_QKV_ROPE, bv=bv, bl=bl, perm=perm, cos=cos.contiguous(),
+                 sin=sin.contiguous(), k_out=k, v_out=v, seq_len=L, num_heads=H, num_kv_heads=KV, head_dim=hd,
                  n_cols=wv.shape[0])
     return q, k, v
 
@@ -879,8 +895,6 @@ def select_backend(backend: str, x: torch.Tensor, op: str, N: int, K: int, *, tr
             return "torch"
         cc = torch.cuda.get_device_capability(x.device)[0] if x.is_cuda else 0
         measured = _MEASURED_BACKEND.get((op, _shape_class(x.shape[0], N, K), cc))
-        if measured is None and op == "qkv_rope" and x.is_cuda:
-            measured = "torch"  # the Triton RoPE epilogue still spills registers on GPUs (aot_compile_specs)
         return measured or "triton"
     if backend == "triton":
         require_triton("backend='triton'")
@@ -1113,9 +1127,15 @@ _LINEAR_VARIANTS = (
     ("bias_v", EPI_LINEAR, True, False, False, 0),            # CogVLM2: only the vision QKV has a bias
     ("residual", EPI_LINEAR, False, False, True, 0),          # o / down projections, SwiGLU dX second GEMM
 )
-_QKV_VARIANTS = (
-    ("qkv", EPI_QKV_ROPE, False, False, False, 128),
-    ("qkv_bias_v", EPI_QKV_ROPE, True, False, False, 128),
+_QKV_VARIANTS = (  # HEAD_DIM is a constexpr: hd 128 (CogVLM/CogVLM2) in every dtype, other head dims in bf16
+    ("qkv_hd128", EPI_QKV_ROPE, False, False, False, 128),
+    ("qkv_bias_v_hd128", EPI_QKV_ROPE, True, False, False, 128),
+)
+_QKV_EXTRA_HD = (  # (bf16 only: the 16-bit kernels differ only in the MMA dtype)
+    ("qkv_bias_hd64", EPI_QKV_ROPE, True, True, False, 64),
+    ("qkv_bias_v_hd80", EPI_QKV_ROPE, True, False, False, 80),    # hd/2 = 40: padded 64-wide chunk, masked
+    ("qkv_bias_v_hd96", EPI_QKV_ROPE, True, False, False, 96),
+    ("qkv_hd256", EPI_QKV_ROPE, False, False, False, 256),        # two 64-wide chunks per head half
 )
 _DUAL_VARIANTS = (("swiglu", EPI_SWIGLU, False, False, False, 0), ("swiglu_bwd", EPI_SWIGLU_BWD, False, False, False, 0))
 
@@ -1124,7 +1144,7 @@ def _gemm_signature(dt: str) -> dict:
     p = "*" + dt
     sig = {"x_ptr": p, "wv_ptr": p, "wl_ptr": p, "w2v_ptr": p, "w2l_ptr": p, "bv_ptr": p, "bl_ptr": p,
            "res_ptr": p, "out_ptr": p, "out2_ptr": p, "dh_ptr": p, "offsets_ptr": "*i32", "perm_ptr": "*i64",
-           "pos_ptr": "*fp32", "inv_freq_ptr": "*fp32", "k_out_ptr": p, "v_out_ptr": p}
+           "cos_ptr": "*fp32", "sin_ptr": "*fp32", "k_out_ptr": p, "v_out_ptr": p}
     for name in ("N", "K", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_om", "stride_rm",
                  "stride_dm", "seq_len", "num_heads", "num_kv_heads", "num_n_tiles", "max_tiles"):
         sig[name] = "i32"
@@ -1155,27 +1175,24 @@ def aot_compile_specs():
             table = tables["fp32" if dtype == torch.float32 else "16bit"]
             for key, (BM, BN, BK, GM, nw, ns) in table.items():
                 dual = key.startswith("dual") or key == "qkv"
-                if key == "qkv":
-                    # KNOWN GAP: the RoPE epilogue spills (stack 48..1000 B) in every config tried on sm_90/sm_80,
-                    # so auto never picks Triton QKV on CUDA (see select_backend) and no QKV spec is listed here.
-                    continue
-                variants = {"qkv": _QKV_VARIANTS, "dual_bwd": _DUAL_VARIANTS[1:]}.get(
-                    key, _DUAL_VARIANTS[:1] if dual else _LINEAR_VARIANTS)
+                variants = {"qkv": _QKV_VARIANTS + (_QKV_EXTRA_HD if dtype == torch.bfloat16 else ()),
+                            "dual_bwd": _DUAL_VARIANTS[1:]}.get(key, _DUAL_VARIANTS[:1] if dual else _LINEAR_VARIANTS)
                 if key == "large":  # dispatcher: plain forward only (see _gemm_config)
                     variants = tuple(v for v in variants if not v[4])
                 if not dual and key != "large":  # dX = dY W_e: the transposed weight view (stride_wn == 1)
                     variants = variants + (("dx", EPI_LINEAR, False, False, False, 0, "nn"),
                                            ("dx_residual", EPI_LINEAR, False, False, True, 0, "nn"))
                 for vname, epi, hbv, hbl, hres, hd, *layout in variants:
+                    bn = _qkv_block_n(hd, BN) if epi == EPI_QKV_ROPE else BN  # what _launch_gemm passes
                     cfg = dict(EPILOGUE=epi, HAS_BIAS_V=hbv, HAS_BIAS_L=hbl, HAS_RESIDUAL=hres, HEAD_DIM=hd,
-                               BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=GM, UPCAST_DOT=False,
+                               BLOCK_M=BM, BLOCK_N=bn, BLOCK_K=BK, GROUP_M=GM, UPCAST_DOT=False,
                                INPUT_PRECISION=prec, stride_xk=1)
                     # the JIT turns unit strides into constants; mirror it or the AOT code is not what runs
                     cfg["stride_wn" if layout else "stride_wk"] = 1
                     div16 = ["N", "K", "stride_xm", "stride_om", "stride_rm", "stride_dm",
                              "stride_wk" if layout else "stride_wn"]
                     specs.append(CompileSpec(
-                        name=f"routed_gemm[{vname},{dt},{BM}x{BN}x{BK},w{nw}s{ns},sm{cc}]",
+                        name=f"routed_gemm[{vname},{dt},{BM}x{bn}x{BK},w{nw}s{ns},sm{cc}]",
                         fn=_routed_gemm_kernel, signature=_gemm_signature(dt), constexprs=cfg, num_warps=nw,
                         num_stages=ns, targets=(cc,), extra={"config": key, "divisible_by_16": div16}))
         for dtype, dt in _TL_DTYPE.items():
