@@ -166,3 +166,20 @@ def test_block_bad_inputs():
         fused(x, torch.zeros(2, 5, dtype=torch.long), plan=RoutingPlan.build(torch.zeros(2, 6, dtype=torch.long)))
     with pytest.raises(ValueError, match="backend"):
         VisualExpertBlock(cfg, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_block_packed_plan_keeps_sequences_apart(backend):
+    # regression: a plan built with cu_seqlens used to run causal attention over the whole packed row (sequence 2
+    # saw sequence 1) with position ids that did not restart -> silently wrong; now varlen attention + plan positions
+    cfg = VisualExpertConfig.tiny()
+    ref, fused = pair(cfg, backend=backend)
+    tts = [torch.tensor([[0, 1, 1, 1, 0, 0]]), torch.tensor([[0, 0, 1, 1, 0]])]
+    xs = [torch.randn(1, t.shape[1], cfg.hidden_size) for t in tts]
+    tt, x = torch.cat(tts, 1), torch.cat(xs, 1)
+    with torch.no_grad():
+        yr = torch.cat([ref(xi.double(), ti)[0] for xi, ti in zip(xs, tts)], 1)
+        (yf,) = fused(x, tt, plan=RoutingPlan.build(tt, cu_seqlens=torch.tensor([0, 6, 11])))
+    assert rel_err(yf, yr) < TOL[torch.float32]
+    with pytest.raises(ValueError, match="packed plan"):
+        fused(x, tt, attention_mask=torch.ones(1, 11), plan=RoutingPlan.build(tt, cu_seqlens=torch.tensor([0, 6, 11])))

@@ -42,6 +42,13 @@ def _routed_modules(x, mod_vision, mod_language, plan, residual=None):
     return y if residual is None else residual + y
 
 
+def _check_packed(plan, attention_mask, past_key_value):
+    """A packed plan (built with cu_seqlens) describes whole sequences back to back: no padding mask, no KV cache."""
+    if attention_mask is not None or past_key_value is not None or plan.attention_mask is not None:
+        raise ValueError("a packed plan (RoutingPlan.build(..., cu_seqlens=...)) takes no attention_mask (in the plan "
+                         "or the call) and no past_key_value: its cu_seqlens already separate the sequences")
+
+
 class VisualExpertBlock(nn.Module):
     """Fused CogVLM decoder layer. Same parameter names, state-dict keys and forward signature as HF (and as
     :class:`vexpert_kernels.reference.VisualExpertBlock`), plus ``plan=`` to share one RoutingPlan across layers.
@@ -101,7 +108,9 @@ class VisualExpertBlock(nn.Module):
         Returns ``(hidden_states,)`` (+ ``(None,)`` if output_attentions) (+ ``(present,)`` if use_cache).
 
         ``routed=True``: hidden_states is [T, D] in ``plan``'s routed order (token_type_ids unused) and so is the
-        output — what a stack uses between layers. Going through ``__call__`` keeps FSDP/DDP/forward hooks working."""
+        output — what a stack uses between layers. Going through ``__call__`` keeps FSDP/DDP/forward hooks working.
+        A packed plan (``RoutingPlan.build(tt, cu_seqlens=...)``, hidden_states [1, total, D]) keeps its sequences
+        apart: varlen attention, position ids restarting per sequence; no attention_mask / past_key_value then."""
         if routed:
             if plan is None:
                 raise ValueError("routed=True needs plan= (the RoutingPlan that defines the routed order)")
@@ -114,7 +123,10 @@ class VisualExpertBlock(nn.Module):
             return (out, present) if use_cache else (out,)
         token_type_ids = _check_forward_args(hidden_states, token_type_ids, self.hidden_size)
         B, L, _ = hidden_states.shape
-        if position_ids is None:
+        if plan is not None and plan.packed_cu_seqlens is not None:
+            _check_packed(plan, attention_mask, past_key_value)
+        elif position_ids is None:
+            # (a packed plan keeps position_ids None: its routed_position_ids restart at every sequence)
             position_ids = default_position_ids(token_type_ids, attention_mask, past_key_value)
         if L == 1 and plan is None:
             # decode: the last token of a row always uses the language expert -> dense path, no routing work
@@ -142,7 +154,7 @@ class VisualExpertBlock(nn.Module):
     def forward_routed(self, x: torch.Tensor, plan: RoutingPlan, *, position_ids=None, attention_mask=None,
                        past_key_value=None, use_cache=False):
         """x [T, D] in the plan's routed order -> (x' [T, D] routed, present_key_value or None)."""
-        from .ops import mixed_attention, rmsnorm, routed_linear, routed_swiglu
+        from .ops import mixed_attention, mixed_attention_varlen, rmsnorm, routed_linear, routed_swiglu
 
         cfg, attn, mlp = self.config, self.self_attn, self.mlp
         backend = self._resolve_backend(x)
@@ -165,9 +177,18 @@ class VisualExpertBlock(nn.Module):
         attention_backend = self.attention_backend
         if attention_backend == "auto" and backend == "triton" and not x.is_cuda and attn_bias is None:
             attention_backend = "triton"  # CPU + interpreter: run OUR kernel (auto would pick sdpa there)
-        o = mixed_attention(q, k, v, key_padding_mask=key_padding_mask, image_span_ids=spans,
-                            image_attention=cfg.image_attention, attn_bias=attn_bias, backend=attention_backend)
-        o = plan.permute(o.transpose(1, 2).reshape(B, L, H * hd))
+        if plan.packed_cu_seqlens is not None:
+            # packed input [1, total]: attention must not cross sequences -> varlen over the plan's cu_seqlens
+            _check_packed(plan, attention_mask, past_key_value)
+            cu, n = plan.packed_cu_seqlens, plan.max_seqlen
+            o = mixed_attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, n, n,
+                                       image_span_ids=None if spans is None else spans[0],
+                                       image_attention=cfg.image_attention, backend=attention_backend)
+            o = plan.permute(o.reshape(B, L, H * hd))
+        else:
+            o = mixed_attention(q, k, v, key_padding_mask=key_padding_mask, image_span_ids=spans,
+                                image_attention=cfg.image_attention, attn_bias=attn_bias, backend=attention_backend)
+            o = plan.permute(o.transpose(1, 2).reshape(B, L, H * hd))
 
         dv, dl = attn.vision_expert_dense, attn.language_expert_dense
         if _plain_linear(dv) and _plain_linear(dl):
