@@ -83,17 +83,18 @@ def build_position_ids(token_type_ids: torch.Tensor, attention_mask: Optional[to
         starts_prev = torch.zeros_like(tmp[:, 1:], dtype=torch.bool)  # position j (>0) starts a new segment
     else:
         starts_prev = ~same_segment_as_next
-    prev, cur, nxt = tmp[:, :-1], tmp[:, 1:], tmp[:, :-1]
+    left, right = tmp[:, :-1], tmp[:, 1:]  # each adjacent pair (j-1, j)
     is_boi_eoi = torch.zeros_like(tmp, dtype=torch.bool)
     # boi: vision after language (or vision first in its row/segment)
-    is_boi_eoi[:, 1:] |= (cur == V) & ((prev == L) | starts_prev)
+    is_boi_eoi[:, 1:] |= (right == V) & ((left == L) | starts_prev)
     is_boi_eoi[:, 0] |= tmp[:, 0] == V
     # eoi: vision before language (or vision last in its row/segment)
-    is_boi_eoi[:, :-1] |= (nxt == V) & ((tmp[:, 1:] == L) | starts_prev)
+    is_boi_eoi[:, :-1] |= (left == V) & ((right == L) | starts_prev)
     is_boi_eoi[:, -1] |= tmp[:, -1] == V
     tmp[is_boi_eoi] = L
+    left, right = tmp[:, :-1], tmp[:, 1:]  # relabelled
     step = torch.zeros_like(tmp, dtype=torch.long)
-    step[:, 1:] = ((cur_ := tmp[:, 1:]) == L) | ((cur_ == V) & (tmp[:, :-1] == L))
+    step[:, 1:] = (right == L) | ((right == V) & (left == L))
     if same_segment_as_next is None:
         return step.cumsum(-1)
     # packed: restart the count at every segment start (segment start gets 0, like column 0 of a row)
@@ -194,11 +195,7 @@ class RoutingPlan:
             pos = torch.arange(tt.shape[1], device=tt.device)
             seg = torch.searchsorted(packed[1:].contiguous(), pos, right=True)
             same_seg = (seg[1:] == seg[:-1]).unsqueeze(0)
-        vision = expert_vision_mask(tt, same_seg)
-        if keep is not None:
-            # padding must never pull a neighbour into the vision expert: HF does not do this for left pads, but a
-            # pad is never type 1 in HF batches; the rule above already uses raw token types, as HF does.
-            pass
+        vision = expert_vision_mask(tt, same_seg)  # raw token types, padding included, exactly as HF
         position_ids = build_position_ids(tt, keep, same_seg)
         B, L = tt.shape
         flat_vision = vision.reshape(-1)
