@@ -5,7 +5,7 @@ import torch
 from vexpert_kernels import RoutingPlan, VisualExpertConfig, build_position_ids
 from vexpert_kernels.block import VisualExpertBlock, VisualExpertStack, visual_expert_layers
 from vexpert_kernels.reference import VisualExpertBlock as ReferenceBlock
-from vexpert_kernels.testing import rel_err
+from vexpert_kernels.testing import rel_err, randomize_norms_and_biases
 
 TT = torch.tensor([[0, 1, 1, 1, 1, 0, 0, 1, 1, 1, 0, 0, 0],     # two images
                    [0, 0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 1, 1]])    # image at the row end
@@ -14,12 +14,7 @@ TT = torch.tensor([[0, 1, 1, 1, 1, 0, 0, 1, 1, 1, 0, 0, 0],     # two images
 def pair(cfg, dtype=torch.float32, backend="auto", seed=0):
     torch.manual_seed(seed)
     ref = ReferenceBlock(cfg)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "layernorm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
+    randomize_norms_and_biases(ref)
     fused = VisualExpertBlock(cfg, backend=backend)
     fused.load_state_dict(ref.state_dict())
     return ref.double(), fused.to(dtype)

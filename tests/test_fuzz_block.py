@@ -14,7 +14,7 @@ from vexpert_kernels import RoutingPlan, VisualExpertConfig, build_position_ids
 from vexpert_kernels.block import VisualExpertBlock
 from vexpert_kernels.ops import mixed_attention, mixed_attention_varlen
 from vexpert_kernels.reference import VisualExpertBlock as ReferenceBlock
-from vexpert_kernels.testing import rel_err, random_token_types
+from vexpert_kernels.testing import rel_err, random_token_types, randomize_norms_and_biases
 
 
 def fuzz_settings(n, shrink=True):
@@ -42,12 +42,7 @@ def make_pair(cfg, dtype, backend, seed):
     """(reference in float64, fused block in dtype) with identical, non-trivial weights."""
     torch.manual_seed(seed)
     ref = ReferenceBlock(cfg)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "layernorm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
+    randomize_norms_and_biases(ref)
     fused = VisualExpertBlock(cfg, backend=backend)
     fused.load_state_dict(ref.state_dict())
     return ref.double(), fused.to(dtype)

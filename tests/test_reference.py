@@ -6,7 +6,7 @@ import torch
 
 from vexpert_kernels import VisualExpertConfig
 from vexpert_kernels.reference import VisionExpertAttention, VisionExpertMLP, VisualExpertBlock
-from vexpert_kernels.testing import rel_err
+from vexpert_kernels.testing import randomize_norms_and_biases, rel_err
 
 HF_KEYS = {
     "input_layernorm.weight", "post_attention_layernorm.weight",
@@ -99,14 +99,7 @@ def loop_layer(sd, cfg, x, tt, keep, past=None, positions=None):
 
 def make_block(cfg, seed=0):
     torch.manual_seed(seed)
-    blk = VisualExpertBlock(cfg).double()
-    with torch.no_grad():
-        for name, p in blk.named_parameters():
-            if "layernorm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-    return blk
+    return randomize_norms_and_biases(VisualExpertBlock(cfg).double())
 
 
 CASES = [

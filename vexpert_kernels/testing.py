@@ -47,3 +47,15 @@ def synthetic_batch(batch, length, vocab, hidden, image_len, generator, device):
     labels[tt == 1] = -100
     labels[:, : 1 + image_len + 1] = -100  # the first text token is random
     return ids.to(device), tt.to(device), torch.cat(feats).to(device), labels.to(device)
+
+
+@torch.no_grad()
+def randomize_norms_and_biases(module: torch.nn.Module, scale: float = 0.1) -> torch.nn.Module:
+    """Give RMSNorm weights (init 1) and biases (init 0) non-trivial values so tests can see them (never test on
+    the trivial init). Linear weights keep their random init."""
+    for name, p in module.named_parameters():
+        if "layernorm" in name:
+            p.copy_(1 + scale * torch.randn_like(p))
+        elif name.endswith("bias"):
+            p.copy_(scale * torch.randn_like(p))
+    return module
