@@ -1,7 +1,6 @@
 """`python -m vexpert_kernels`: print the environment and run a real check of the layers usable on this machine."""
 from __future__ import annotations
 
-import importlib
 import time
 
 import torch
@@ -9,14 +8,6 @@ import torch
 from . import VisualExpertConfig, __version__
 from ._triton_compat import HAS_TRITON, TRITON_IMPORT_ERROR, TRITON_VERSION, interpret_mode
 from .testing import random_token_types, rel_err
-
-
-def _optional(name):
-    try:
-        importlib.import_module(name)
-        return None
-    except Exception as exc:  # noqa: BLE001 - report any import failure
-        return f"not importable ({type(exc).__name__})"
 
 
 def environment() -> dict:
@@ -38,8 +29,6 @@ def environment() -> dict:
         env["csrc CUDA kernels"] = "available" if ok else f"not used: {why}"
     except Exception as exc:  # noqa: BLE001
         env["csrc CUDA kernels"] = f"not used: {exc!r}"
-    env["flash_attn"] = _optional("flash_attn") or "available"
-    env["xformers"] = _optional("xformers") or "available"
     return env
 
 
