@@ -4,20 +4,14 @@ import torch
 
 from vexpert_kernels import RoutingPlan, VisualExpertConfig, build_position_ids
 from vexpert_kernels.block import VisualExpertBlock, VisualExpertStack, visual_expert_layers
-from vexpert_kernels.reference import VisualExpertBlock as ReferenceBlock
-from vexpert_kernels.testing import rel_err, randomize_norms_and_biases
+from vexpert_kernels.testing import reference_and_fused, rel_err
 
 TT = torch.tensor([[0, 1, 1, 1, 1, 0, 0, 1, 1, 1, 0, 0, 0],     # two images
                    [0, 0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 1, 1]])    # image at the row end
 
 
 def pair(cfg, dtype=torch.float32, backend="auto", seed=0):
-    torch.manual_seed(seed)
-    ref = ReferenceBlock(cfg)
-    randomize_norms_and_biases(ref)
-    fused = VisualExpertBlock(cfg, backend=backend)
-    fused.load_state_dict(ref.state_dict())
-    return ref.double(), fused.to(dtype)
+    return reference_and_fused(cfg, dtype, backend, seed)
 
 
 def grads(module):

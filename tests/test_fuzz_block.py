@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 from vexpert_kernels import RoutingPlan, VisualExpertConfig, build_position_ids
 from vexpert_kernels.block import VisualExpertBlock
 from vexpert_kernels.ops import mixed_attention, mixed_attention_varlen
-from vexpert_kernels.reference import VisualExpertBlock as ReferenceBlock
-from vexpert_kernels.testing import rel_err, random_token_types, randomize_norms_and_biases
+from vexpert_kernels.testing import random_token_types, reference_and_fused, rel_err
 
 
 def fuzz_settings(n, shrink=True):
@@ -40,12 +39,7 @@ GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
 def make_pair(cfg, dtype, backend, seed):
     """(reference in float64, fused block in dtype) with identical, non-trivial weights."""
-    torch.manual_seed(seed)
-    ref = ReferenceBlock(cfg)
-    randomize_norms_and_biases(ref)
-    fused = VisualExpertBlock(cfg, backend=backend)
-    fused.load_state_dict(ref.state_dict())
-    return ref.double(), fused.to(dtype)
+    return reference_and_fused(cfg, dtype, backend, seed)
 
 
 def random_layout(g, B, L, layout):

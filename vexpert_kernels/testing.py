@@ -59,3 +59,15 @@ def randomize_norms_and_biases(module: torch.nn.Module, scale: float = 0.1) -> t
         elif name.endswith("bias"):
             p.copy_(scale * torch.randn_like(p))
     return module
+
+
+def reference_and_fused(config, dtype=torch.float32, backend="auto", seed=0):
+    """(reference block in float64, fused VisualExpertBlock in ``dtype``) with identical, non-trivial weights."""
+    from .block import VisualExpertBlock
+    from .reference import VisualExpertBlock as ReferenceBlock
+
+    torch.manual_seed(seed)
+    ref = randomize_norms_and_biases(ReferenceBlock(config))
+    fused = VisualExpertBlock(config, backend=backend)
+    fused.load_state_dict(ref.state_dict())
+    return ref.double(), fused.to(dtype)
