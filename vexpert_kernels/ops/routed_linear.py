@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 
 from .._triton_compat import HAS_TRITON, interpret_mode, require_triton, triton, tl, triton_usable_for
+from ..validation import check_positive_finite, check_tensor
 
 __all__ = ["routed_linear", "routed_swiglu", "routed_qkv_rope", "aot_compile_specs", "select_backend",
            "routed_linear_reference", "routed_swiglu_reference", "routed_qkv_rope_reference"]
@@ -654,28 +655,26 @@ def _swiglu_bwd_impl(dh, x, gv, uv, gl, ul, offsets, nv, need_dx, need_dw, backe
     return dx, dgv, duv, dgl, dul
 
 
-def _qkv_fwd_impl(x, wv, wl, offsets, nv, bv, bl, perm, pos, inv_freq, B, L, H, KV, backend):
+def _qkv_fwd_impl(x, wv, wl, offsets, nv, bv, bl, perm, cos, sin, B, L, H, KV, backend):
     hd = wv.shape[0] // (H + 2 * KV)
     if backend != "triton":
         qkv = _torch_linear_fwd(x, wv, wl, nv, bv, bl, None)
-        cos, sin = _rope_cos_sin(pos, inv_freq)
         qkv = _rope_rows(qkv, cos, sin, H + KV, hd)
         return _qkv_routed_to_heads(qkv, perm, B, L, H, KV, hd)
     q = _out(x, B, H, L, hd)
     k = _out(x, B, KV, L, hd)
     v = _out(x, B, KV, L, hd)
-    cos, sin = _rope_cos_sin(pos, inv_freq)  # [T, hd/2] fp32 each, read by the epilogue (see the kernel)
+    # cos, sin: [T, hd/2] fp32 each in routed order, read by the epilogue (see the kernel)
     _launch_gemm(x, wv, wl, offsets, q, epilogue=EPI_QKV_ROPE, bv=bv, bl=bl, perm=perm, cos=cos.contiguous(),
                  sin=sin.contiguous(), k_out=k, v_out=v, seq_len=L, num_heads=H, num_kv_heads=KV, head_dim=hd,
                  n_cols=wv.shape[0])
     return q, k, v
 
 
-def _qkv_bwd_impl(dq, dk, dv, x, wv, wl, offsets, nv, perm, pos, inv_freq, need_dx, need_dw, need_dbv, need_dbl,
+def _qkv_bwd_impl(dq, dk, dv, x, wv, wl, offsets, nv, perm, cos, sin, need_dx, need_dw, need_dbv, need_dbl,
                   backend, bias_dtype):
     H, KV, hd = dq.shape[1], dk.shape[1], dq.shape[3]
     dqkv = _qkv_heads_to_routed(dq.to(x.dtype), dk.to(x.dtype), dv.to(x.dtype), perm)
-    cos, sin = _rope_cos_sin(pos, inv_freq)
     dqkv = _rope_rows(dqkv, cos, sin, H + KV, hd, inverse=True)  # RoPE is a rotation: its adjoint is R(-theta)
     return _linear_bwd_impl(dqkv, x, wv, wl, offsets, nv, need_dx, need_dw, need_dbv, need_dbl, backend,
                             bias_dtype)
@@ -815,15 +814,15 @@ _routed_swiglu_op.register_autograd(_routed_swiglu_backward, setup_context=_rout
 @torch.library.custom_op("vexpert::routed_qkv_rope", mutates_args=())
 def _routed_qkv_rope_op(x: torch.Tensor, weight_vision: torch.Tensor, weight_language: torch.Tensor,
                         offsets: torch.Tensor, num_vision: int, bias_vision: Optional[torch.Tensor],
-                        bias_language: Optional[torch.Tensor], perm: torch.Tensor, positions: torch.Tensor,
-                        inv_freq: torch.Tensor, batch_size: int, seq_len: int, num_heads: int, num_kv_heads: int,
+                        bias_language: Optional[torch.Tensor], perm: torch.Tensor, rope_cos: torch.Tensor,
+                        rope_sin: torch.Tensor, batch_size: int, seq_len: int, num_heads: int, num_kv_heads: int,
                         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _qkv_fwd_impl(x, weight_vision, weight_language, offsets, num_vision, bias_vision, bias_language, perm,
-                         positions, inv_freq, batch_size, seq_len, num_heads, num_kv_heads, backend)
+                         rope_cos, rope_sin, batch_size, seq_len, num_heads, num_kv_heads, backend)
 
 
 @_routed_qkv_rope_op.register_fake
-def _(x, weight_vision, weight_language, offsets, num_vision, bias_vision, bias_language, perm, positions, inv_freq,
+def _(x, weight_vision, weight_language, offsets, num_vision, bias_vision, bias_language, perm, rope_cos, rope_sin,
       batch_size, seq_len, num_heads, num_kv_heads, backend):
     hd = weight_vision.shape[0] // (num_heads + 2 * num_kv_heads)
     return (x.new_empty(batch_size, num_heads, seq_len, hd), x.new_empty(batch_size, num_kv_heads, seq_len, hd),
@@ -833,18 +832,18 @@ def _(x, weight_vision, weight_language, offsets, num_vision, bias_vision, bias_
 @torch.library.custom_op("vexpert::routed_qkv_rope_backward", mutates_args=())
 def _routed_qkv_rope_bwd_op(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, x: torch.Tensor,
                             weight_vision: torch.Tensor, weight_language: torch.Tensor, offsets: torch.Tensor,
-                            num_vision: int, perm: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                            num_vision: int, perm: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
                             need_dx: bool, need_dw: bool, need_dbv: bool, need_dbl: bool, backend: str,
                             bias_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                        torch.Tensor, torch.Tensor]:
-    res = _qkv_bwd_impl(dq, dk, dv, x, weight_vision, weight_language, offsets, num_vision, perm, positions,
-                        inv_freq, need_dx, need_dw, need_dbv, need_dbl, backend, bias_dtype)
+    res = _qkv_bwd_impl(dq, dk, dv, x, weight_vision, weight_language, offsets, num_vision, perm, rope_cos,
+                        rope_sin, need_dx, need_dw, need_dbv, need_dbl, backend, bias_dtype)
     dbv, dbl = [(t.to(bias_dtype) if t is not None and bias_dtype is not None else t) for t in res[3:]]
     return _none_to_empty((res[0], res[1], res[2], dbv, dbl), x)
 
 
 @_routed_qkv_rope_bwd_op.register_fake
-def _(dq, dk, dv, x, weight_vision, weight_language, offsets, num_vision, perm, positions, inv_freq, need_dx,
+def _(dq, dk, dv, x, weight_vision, weight_language, offsets, num_vision, perm, rope_cos, rope_sin, need_dx,
       need_dw, need_dbv, need_dbl, backend, bias_dtype):
     return _linear_bwd_fake(x, weight_vision, weight_language, need_dx, need_dw, need_dbv, need_dbl, bias_dtype)
 
@@ -859,16 +858,16 @@ def _linear_bwd_fake(x, wv, wl, need_dx, need_dw, need_dbv, need_dbl, bias_dtype
 
 
 def _routed_qkv_setup(ctx, inputs, output):
-    (x, wv, wl, offsets, nv, bv, bl, perm, pos, inv_freq, B, L, H, KV, backend) = inputs
-    ctx.save_for_backward(x, wv, wl, offsets, perm, pos, inv_freq)
+    (x, wv, wl, offsets, nv, bv, bl, perm, cos, sin, B, L, H, KV, backend) = inputs
+    ctx.save_for_backward(x, wv, wl, offsets, perm, cos, sin)
     ctx.nv, ctx.backend = nv, backend
     ctx.bias_dtype = bv.dtype if bv is not None else (bl.dtype if bl is not None else None)
 
 
 def _routed_qkv_backward(ctx, dq, dk, dv):
-    x, wv, wl, offsets, perm, pos, inv_freq = ctx.saved_tensors
+    x, wv, wl, offsets, perm, cos, sin = ctx.saved_tensors
     ni = ctx.needs_input_grad
-    dx, dwv, dwl, dbv, dbl = _routed_qkv_rope_bwd_op(dq, dk, dv, x, wv, wl, offsets, ctx.nv, perm, pos, inv_freq,
+    dx, dwv, dwl, dbv, dbl = _routed_qkv_rope_bwd_op(dq, dk, dv, x, wv, wl, offsets, ctx.nv, perm, cos, sin,
                                                      bool(ni[0]), bool(ni[1] or ni[2]), bool(ni[5]), bool(ni[6]),
                                                      ctx.backend, ctx.bias_dtype)
     return (dx if ni[0] else None, dwv if ni[1] else None, dwl if ni[2] else None, None, None,
@@ -1017,9 +1016,9 @@ def routed_swiglu(x, gate_vision, up_vision, gate_language, up_language, plan, *
     return _routed_swiglu_op(x, gv, uv, gl, ul, plan.expert_offsets, _nv_for(be, plan), be)
 
 
-def routed_qkv_rope(x, weight_vision, weight_language, plan, *, num_heads: int, num_kv_heads: int, rope_theta: float,
-                    bias_vision=None, bias_language=None, positions=None, position_dtype=None,
-                    backend: str = "auto"):
+def routed_qkv_rope(x, weight_vision, weight_language, plan, *, num_heads: int, num_kv_heads: int,
+                    rope_theta: Optional[float] = None, bias_vision=None, bias_language=None, positions=None,
+                    position_dtype=None, rope_cos_sin=None, backend: str = "auto"):
     """Routed QKV projection + RoPE + split + un-permute, fused.
 
     Args:
@@ -1027,6 +1026,10 @@ def routed_qkv_rope(x, weight_vision, weight_language, plan, *, num_heads: int, 
         num_heads (H), num_kv_heads (KV, GQA), rope_theta: RoPE base; head_dim hd = N / (H + 2*KV).
         positions: [T] position of each routed row (default ``plan.routed_position_ids``).
         position_dtype: e.g. torch.bfloat16 rounds positions through that dtype first (HF's bf16 table quirk).
+        rope_cos_sin: optional precomputed table ``(cos, sin)``, each fp32 [T, hd/2] in routed order (row i holds
+            cos/sin of the angles of routed row i) — e.g. built once per forward from an HF rotary module's own
+            ``inv_freq`` (see ``RoutingPlan``). When given, ``rope_theta``, ``positions`` and ``position_dtype`` are
+            not used. Exactly one of ``rope_theta`` / ``rope_cos_sin`` must be given.
     Returns: q [B, H, L, hd], k [B, KV, L, hd], v [B, KV, L, hd] in sequence order (row i of x lands at sequence
     position ``plan.perm[i]``), RoPE (GPT-NeoX half rotation, fp32 cos/sin) applied to q and k.
     """
@@ -1036,8 +1039,12 @@ def routed_qkv_rope(x, weight_vision, weight_language, plan, *, num_heads: int, 
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    if not isinstance(rope_theta, (int, float)) or isinstance(rope_theta, bool) or rope_theta <= 0:
-        raise ValueError(f"rope_theta must be a positive number, got {rope_theta!r}")
+    if (rope_theta is None) == (rope_cos_sin is None):
+        raise ValueError("routed_qkv_rope needs exactly one of rope_theta= (RoPE base) or rope_cos_sin= (a "
+                         f"precomputed (cos, sin) table), got rope_theta={rope_theta!r} and rope_cos_sin="
+                         f"{'None' if rope_cos_sin is None else 'a table'}")
+    if rope_theta is not None:
+        check_positive_finite("rope_theta", rope_theta)
     N, K = _weight_shape(weight_vision, "weight_vision")
     if K != x.shape[1]:
         raise ValueError(f"weight_vision must have shape [N, K={x.shape[1]}] to match x, got {tuple(weight_vision.shape)}")
@@ -1049,23 +1056,28 @@ def routed_qkv_rope(x, weight_vision, weight_language, plan, *, num_heads: int, 
     wv, wl = _check_weights([("weight_vision", weight_vision), ("weight_language", weight_language)], N, K, x)
     _check_tensor(bias_vision, "bias_vision", (N,), x.dtype, x.device, allow_none=True)
     _check_tensor(bias_language, "bias_language", (N,), x.dtype, x.device, allow_none=True)
-    if positions is None:
-        positions = plan.routed_position_ids
-    if not isinstance(positions, torch.Tensor) or tuple(positions.shape) != (x.shape[0],):
-        raise ValueError(f"positions must be a tensor [T={x.shape[0]}] in routed order, got "
-                         f"{getattr(positions, 'shape', type(positions).__name__)}")
-    if positions.device != x.device:
-        raise ValueError(f"positions is on {positions.device} but x is on {x.device}")
-    if position_dtype is not None:
-        if not isinstance(position_dtype, torch.dtype) or not position_dtype.is_floating_point:
-            raise TypeError(f"position_dtype must be a floating torch.dtype or None, got {position_dtype!r}")
-        positions = positions.to(position_dtype)
-    pos = positions.to(torch.float32).contiguous()
-    inv_freq = _rope_inv_freq(hd, float(rope_theta), x.device)
+    if rope_cos_sin is not None:
+        if not isinstance(rope_cos_sin, (tuple, list)) or len(rope_cos_sin) != 2:
+            raise TypeError(f"rope_cos_sin must be a (cos, sin) pair, got {type(rope_cos_sin).__name__}")
+        cos, sin = (check_tensor(n, t, shape=(x.shape[0], hd // 2), dtypes=(torch.float32,), device=x.device)
+                    for n, t in zip(("rope_cos_sin[0] (cos)", "rope_cos_sin[1] (sin)"), rope_cos_sin))
+    else:
+        if positions is None:
+            positions = plan.routed_position_ids
+        if not isinstance(positions, torch.Tensor) or tuple(positions.shape) != (x.shape[0],):
+            raise ValueError(f"positions must be a tensor [T={x.shape[0]}] in routed order, got "
+                             f"{getattr(positions, 'shape', type(positions).__name__)}")
+        if positions.device != x.device:
+            raise ValueError(f"positions is on {positions.device} but x is on {x.device}")
+        if position_dtype is not None:
+            if not isinstance(position_dtype, torch.dtype) or not position_dtype.is_floating_point:
+                raise TypeError(f"position_dtype must be a floating torch.dtype or None, got {position_dtype!r}")
+            positions = positions.to(position_dtype)
+        cos, sin = _rope_cos_sin(positions.to(torch.float32), _rope_inv_freq(hd, float(rope_theta), x.device))
     be = select_backend(backend, x, "qkv_rope", N, K)
     B, L = plan.batch_size, plan.seq_len
     return _routed_qkv_rope_op(x, wv, wl, plan.expert_offsets, _nv_for(be, plan), bias_vision, bias_language,
-                               plan.perm, pos, inv_freq, B, L, num_heads, num_kv_heads, be)
+                               plan.perm, cos.contiguous(), sin.contiguous(), B, L, num_heads, num_kv_heads, be)
 
 
 # ============================================================================================== float64 references
