@@ -1,0 +1,285 @@
+"""Op bodies per backend, the ``vexpert::`` torch.library ops with fake impls, and their autograd."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .kernels import EPI_QKV_ROPE, EPI_SWIGLU, EPI_SWIGLU_BWD
+from .launch import _launch_gemm, _launch_wgrad, _out
+from .rope import _qkv_heads_to_routed, _qkv_routed_to_heads, _rope_rows
+from .torch_impl import _grouped_mm_fwd, _swiglu_grads, _torch_linear_bwd, _torch_linear_fwd, _torch_swiglu_fwd
+
+
+def _linear_fwd_impl(x, wv, wl, offsets, nv, bv, bl, residual, backend):
+    if backend == "torch":
+        return _torch_linear_fwd(x, wv, wl, nv, bv, bl, residual)
+    if backend == "grouped_mm":
+        return _grouped_mm_fwd(x, wv, wl, offsets, bv, bl, residual)
+    out = _out(x, x.shape[0], wv.shape[0])
+    _launch_gemm(x, wv, wl, offsets, out, bv=bv, bl=bl, residual=residual)
+    return out
+
+
+def _linear_bwd_impl(dy, x, wv, wl, offsets, nv, need_dx, need_dw, need_dbv, need_dbl, backend,
+                     bias_dtype=None):
+    dy = dy.contiguous()
+    if backend != "triton":
+        return _torch_linear_bwd(dy, x, wv, wl, nv, need_dx, need_dw, need_dbv, need_dbl)
+    T, K = x.shape
+    N = wv.shape[0]
+    dx = dwv = dwl = dbv = dbl = None
+    if need_dx:
+        dx = _out(x, T, K)
+        _launch_gemm(dy, wv.t(), wl.t(), offsets, dx)  # dX = dY W_e: the [K, N] transposed views, no copies
+    if need_dw:
+        dwv = _out(wv, N, K)
+        dwl = _out(wl, N, K)
+    if need_dbv:
+        dbv = _out(x, N, dtype=bias_dtype or torch.float32)
+    if need_dbl:
+        dbl = _out(x, N, dtype=bias_dtype or torch.float32)
+    _launch_wgrad(dy, x, offsets, dwv, dwl, dbv, dbl)
+    return dx, dwv, dwl, dbv, dbl
+
+
+def _swiglu_fwd_impl(x, gv, uv, gl, ul, offsets, nv, backend):
+    if backend != "triton":
+        return _torch_swiglu_fwd(x, gv, uv, gl, ul, nv)
+    out = _out(x, x.shape[0], gv.shape[0])
+    _launch_gemm(x, gv, gl, offsets, out, epilogue=EPI_SWIGLU, w2v=uv, w2l=ul)
+    return out
+
+
+def _swiglu_bwd_impl(dh, x, gv, uv, gl, ul, offsets, nv, need_dx, need_dw, backend):
+    """Recompute g, u from x; dg = dh*u*silu'(g), du = dh*silu(g); dX = dg Wg + du Wu; dWg = dg^T x, dWu = du^T x."""
+    dh = dh.contiguous()
+    T, K = x.shape
+    I = gv.shape[0]
+    if backend != "triton":
+        dg = _out(x, T, I)
+        du = _out(x, T, I)
+        for sl, g_w, u_w in ((slice(0, nv), gv, uv), (slice(nv, T), gl, ul)):
+            if x[sl].shape[0]:
+                a, b = _swiglu_grads(x[sl] @ g_w.t(), x[sl] @ u_w.t(), dh[sl])
+                dg[sl], du[sl] = a, b
+    else:
+        dg = _out(x, T, I)
+        du = _out(x, T, I)
+        _launch_gemm(x, gv, gl, offsets, dg, epilogue=EPI_SWIGLU_BWD, w2v=uv, w2l=ul, out2=du, dh=dh)
+    dx, dgv, dgl, _, _ = _linear_bwd_impl(dg, x, gv, gl, offsets, nv, need_dx, need_dw, False, False, backend)
+    if need_dx:
+        # dX += du Wu (second GEMM; the first result enters through the residual epilogue, fp32 add)
+        if backend == "triton":
+            dx2 = _out(x, T, K)
+            _launch_gemm(du, uv.t(), ul.t(), offsets, dx2, residual=dx)
+            dx = dx2
+        else:
+            for sl, u_w in ((slice(0, nv), uv), (slice(nv, T), ul)):
+                if x[sl].shape[0]:
+                    dx[sl].addmm_(du[sl], u_w)
+    duv = dul = None
+    if need_dw:
+        _, duv, dul, _, _ = _linear_bwd_impl(du, x, uv, ul, offsets, nv, False, True, False, False, backend)
+    return dx, dgv, duv, dgl, dul
+
+
+def _qkv_fwd_impl(x, wv, wl, offsets, nv, bv, bl, perm, cos, sin, B, L, H, KV, backend):
+    hd = wv.shape[0] // (H + 2 * KV)
+    if backend != "triton":
+        qkv = _torch_linear_fwd(x, wv, wl, nv, bv, bl, None)
+        qkv = _rope_rows(qkv, cos, sin, H + KV, hd)
+        return _qkv_routed_to_heads(qkv, perm, B, L, H, KV, hd)
+    q = _out(x, B, H, L, hd)
+    k = _out(x, B, KV, L, hd)
+    v = _out(x, B, KV, L, hd)
+    # cos, sin: [T, hd/2] fp32 each in routed order, read by the epilogue (see the kernel)
+    _launch_gemm(x, wv, wl, offsets, q, epilogue=EPI_QKV_ROPE, bv=bv, bl=bl, perm=perm, cos=cos.contiguous(),
+                 sin=sin.contiguous(), k_out=k, v_out=v, seq_len=L, num_heads=H, num_kv_heads=KV, head_dim=hd,
+                 n_cols=wv.shape[0])
+    return q, k, v
+
+
+def _qkv_bwd_impl(dq, dk, dv, x, wv, wl, offsets, nv, perm, cos, sin, need_dx, need_dw, need_dbv, need_dbl,
+                  backend, bias_dtype):
+    H, KV, hd = dq.shape[1], dk.shape[1], dq.shape[3]
+    dqkv = _qkv_heads_to_routed(dq.to(x.dtype), dk.to(x.dtype), dv.to(x.dtype), perm)
+    dqkv = _rope_rows(dqkv, cos, sin, H + KV, hd, inverse=True)  # RoPE is a rotation: its adjoint is R(-theta)
+    return _linear_bwd_impl(dqkv, x, wv, wl, offsets, nv, need_dx, need_dw, need_dbv, need_dbl, backend,
+                            bias_dtype)
+
+
+
+def _opt(t):
+    return t if t is not None and t.numel() > 0 else None
+
+
+def _none_to_empty(ts, like):
+    return tuple(t if t is not None else like.new_empty(0) for t in ts)
+
+
+@torch.library.custom_op("vexpert::routed_linear", mutates_args=())
+def _routed_linear_op(x: torch.Tensor, weight_vision: torch.Tensor, weight_language: torch.Tensor,
+                      offsets: torch.Tensor, num_vision: int, bias_vision: Optional[torch.Tensor],
+                      bias_language: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                      backend: str) -> torch.Tensor:
+    return _linear_fwd_impl(x, weight_vision, weight_language, offsets, num_vision, bias_vision, bias_language,
+                            residual, backend)
+
+
+@_routed_linear_op.register_fake
+def _(x, weight_vision, weight_language, offsets, num_vision, bias_vision, bias_language, residual, backend):
+    return x.new_empty(x.shape[0], weight_vision.shape[0])
+
+
+@torch.library.custom_op("vexpert::routed_linear_backward", mutates_args=())
+def _routed_linear_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight_vision: torch.Tensor,
+                          weight_language: torch.Tensor, offsets: torch.Tensor, num_vision: int, need_dx: bool,
+                          need_dw: bool, need_dbv: bool, need_dbl: bool, backend: str,
+                          bias_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                     torch.Tensor, torch.Tensor]:
+    res = _linear_bwd_impl(dy, x, weight_vision, weight_language, offsets, num_vision, need_dx, need_dw, need_dbv,
+                           need_dbl, backend, bias_dtype)
+    dbv, dbl = [(t.to(bias_dtype) if t is not None and bias_dtype is not None else t) for t in res[3:]]
+    return _none_to_empty((res[0], res[1], res[2], dbv, dbl), x)
+
+
+@_routed_linear_bwd_op.register_fake
+def _(dy, x, weight_vision, weight_language, offsets, num_vision, need_dx, need_dw, need_dbv, need_dbl, backend,
+      bias_dtype):
+    return _linear_bwd_fake(x, weight_vision, weight_language, need_dx, need_dw, need_dbv, need_dbl, bias_dtype)
+
+
+def _routed_linear_setup(ctx, inputs, output):
+    x, wv, wl, offsets, nv, bv, bl, residual, backend = inputs
+    ctx.save_for_backward(x, wv, wl, offsets)
+    ctx.nv, ctx.backend = nv, backend
+    ctx.bias_dtype = bv.dtype if bv is not None else (bl.dtype if bl is not None else None)
+    ctx.has_res = residual is not None
+
+
+def _routed_linear_backward(ctx, dy):
+    x, wv, wl, offsets = ctx.saved_tensors
+    ni = ctx.needs_input_grad
+    need_dw = bool(ni[1] or ni[2])
+    dx, dwv, dwl, dbv, dbl = _routed_linear_bwd_op(dy, x, wv, wl, offsets, ctx.nv, bool(ni[0]), need_dw,
+                                                   bool(ni[5]), bool(ni[6]), ctx.backend, ctx.bias_dtype)
+    return (dx if ni[0] else None, dwv if ni[1] else None, dwl if ni[2] else None, None, None,
+            dbv if ni[5] else None, dbl if ni[6] else None, dy if (ctx.has_res and ni[7]) else None, None)
+
+
+_routed_linear_op.register_autograd(_routed_linear_backward, setup_context=_routed_linear_setup)
+
+
+@torch.library.custom_op("vexpert::routed_swiglu", mutates_args=())
+def _routed_swiglu_op(x: torch.Tensor, gate_vision: torch.Tensor, up_vision: torch.Tensor,
+                      gate_language: torch.Tensor, up_language: torch.Tensor, offsets: torch.Tensor, num_vision: int,
+                      backend: str) -> torch.Tensor:
+    return _swiglu_fwd_impl(x, gate_vision, up_vision, gate_language, up_language, offsets, num_vision, backend)
+
+
+@_routed_swiglu_op.register_fake
+def _(x, gate_vision, up_vision, gate_language, up_language, offsets, num_vision, backend):
+    return x.new_empty(x.shape[0], gate_vision.shape[0])
+
+
+@torch.library.custom_op("vexpert::routed_swiglu_backward", mutates_args=())
+def _routed_swiglu_bwd_op(dh: torch.Tensor, x: torch.Tensor, gate_vision: torch.Tensor, up_vision: torch.Tensor,
+                          gate_language: torch.Tensor, up_language: torch.Tensor, offsets: torch.Tensor,
+                          num_vision: int, need_dx: bool, need_dw: bool,
+                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    res = _swiglu_bwd_impl(dh, x, gate_vision, up_vision, gate_language, up_language, offsets, num_vision, need_dx,
+                           need_dw, backend)
+    return _none_to_empty(res, x)
+
+
+@_routed_swiglu_bwd_op.register_fake
+def _(dh, x, gate_vision, up_vision, gate_language, up_language, offsets, num_vision, need_dx, need_dw, backend):
+    e = x.new_empty(0)
+    return (x.new_empty(x.shape) if need_dx else e,) + tuple(
+        w.new_empty(w.shape) if need_dw else e for w in (gate_vision, up_vision, gate_language, up_language))
+
+
+def _routed_swiglu_setup(ctx, inputs, output):
+    x, gv, uv, gl, ul, offsets, nv, backend = inputs
+    ctx.save_for_backward(x, gv, uv, gl, ul, offsets)  # inputs only: g, u are recomputed in backward
+    ctx.nv, ctx.backend = nv, backend
+
+
+def _routed_swiglu_backward(ctx, dh):
+    x, gv, uv, gl, ul, offsets = ctx.saved_tensors
+    ni = ctx.needs_input_grad
+    need_dw = bool(any(ni[1:5]))
+    dx, dgv, duv, dgl, dul = _routed_swiglu_bwd_op(dh, x, gv, uv, gl, ul, offsets, ctx.nv, bool(ni[0]), need_dw,
+                                                   ctx.backend)
+    pick = lambda t, i: t if ni[i] else None  # noqa: E731
+    return pick(dx, 0), pick(dgv, 1), pick(duv, 2), pick(dgl, 3), pick(dul, 4), None, None, None
+
+
+_routed_swiglu_op.register_autograd(_routed_swiglu_backward, setup_context=_routed_swiglu_setup)
+
+
+@torch.library.custom_op("vexpert::routed_qkv_rope", mutates_args=())
+def _routed_qkv_rope_op(x: torch.Tensor, weight_vision: torch.Tensor, weight_language: torch.Tensor,
+                        offsets: torch.Tensor, num_vision: int, bias_vision: Optional[torch.Tensor],
+                        bias_language: Optional[torch.Tensor], perm: torch.Tensor, rope_cos: torch.Tensor,
+                        rope_sin: torch.Tensor, batch_size: int, seq_len: int, num_heads: int, num_kv_heads: int,
+                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _qkv_fwd_impl(x, weight_vision, weight_language, offsets, num_vision, bias_vision, bias_language, perm,
+                         rope_cos, rope_sin, batch_size, seq_len, num_heads, num_kv_heads, backend)
+
+
+@_routed_qkv_rope_op.register_fake
+def _(x, weight_vision, weight_language, offsets, num_vision, bias_vision, bias_language, perm, rope_cos, rope_sin,
+      batch_size, seq_len, num_heads, num_kv_heads, backend):
+    hd = weight_vision.shape[0] // (num_heads + 2 * num_kv_heads)
+    return (x.new_empty(batch_size, num_heads, seq_len, hd), x.new_empty(batch_size, num_kv_heads, seq_len, hd),
+            x.new_empty(batch_size, num_kv_heads, seq_len, hd))
+
+
+@torch.library.custom_op("vexpert::routed_qkv_rope_backward", mutates_args=())
+def _routed_qkv_rope_bwd_op(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, x: torch.Tensor,
+                            weight_vision: torch.Tensor, weight_language: torch.Tensor, offsets: torch.Tensor,
+                            num_vision: int, perm: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+                            need_dx: bool, need_dw: bool, need_dbv: bool, need_dbl: bool, backend: str,
+                            bias_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                       torch.Tensor, torch.Tensor]:
+    res = _qkv_bwd_impl(dq, dk, dv, x, weight_vision, weight_language, offsets, num_vision, perm, rope_cos,
+                        rope_sin, need_dx, need_dw, need_dbv, need_dbl, backend, bias_dtype)
+    dbv, dbl = [(t.to(bias_dtype) if t is not None and bias_dtype is not None else t) for t in res[3:]]
+    return _none_to_empty((res[0], res[1], res[2], dbv, dbl), x)
+
+
+@_routed_qkv_rope_bwd_op.register_fake
+def _(dq, dk, dv, x, weight_vision, weight_language, offsets, num_vision, perm, rope_cos, rope_sin, need_dx,
+      need_dw, need_dbv, need_dbl, backend, bias_dtype):
+    return _linear_bwd_fake(x, weight_vision, weight_language, need_dx, need_dw, need_dbv, need_dbl, bias_dtype)
+
+
+def _linear_bwd_fake(x, wv, wl, need_dx, need_dw, need_dbv, need_dbl, bias_dtype):
+    N, K = wv.shape
+    e = x.new_empty(0)
+    bd = bias_dtype or torch.float32
+    return (x.new_empty(x.shape) if need_dx else e, wv.new_empty(N, K) if need_dw else e,
+            wl.new_empty(N, K) if need_dw else e,
+            x.new_empty(N, dtype=bd) if need_dbv else e, x.new_empty(N, dtype=bd) if need_dbl else e)
+
+
+def _routed_qkv_setup(ctx, inputs, output):
+    (x, wv, wl, offsets, nv, bv, bl, perm, cos, sin, B, L, H, KV, backend) = inputs
+    ctx.save_for_backward(x, wv, wl, offsets, perm, cos, sin)
+    ctx.nv, ctx.backend = nv, backend
+    ctx.bias_dtype = bv.dtype if bv is not None else (bl.dtype if bl is not None else None)
+
+
+def _routed_qkv_backward(ctx, dq, dk, dv):
+    x, wv, wl, offsets, perm, cos, sin = ctx.saved_tensors
+    ni = ctx.needs_input_grad
+    dx, dwv, dwl, dbv, dbl = _routed_qkv_rope_bwd_op(dq, dk, dv, x, wv, wl, offsets, ctx.nv, perm, cos, sin,
+                                                     bool(ni[0]), bool(ni[1] or ni[2]), bool(ni[5]), bool(ni[6]),
+                                                     ctx.backend, ctx.bias_dtype)
+    return (dx if ni[0] else None, dwv if ni[1] else None, dwl if ni[2] else None, None, None,
+            dbv if ni[5] else None, dbl if ni[6] else None) + (None,) * 8
+
+
+_routed_qkv_rope_op.register_autograd(_routed_qkv_backward, setup_context=_routed_qkv_setup)
