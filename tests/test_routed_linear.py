@@ -172,13 +172,14 @@ def test_real_plan_and_fp16():
 # ---------------------------------------------------------------------------------------------- routed_swiglu
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton), "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("B,L,nv", [(1, 1, 0), (1, 37, 37), (1, 37, 21), (3, 50, 67)])
-def test_swiglu(B, L, nv, dtype, backend, poison):
+def test_swiglu(B, L, nv, recompute, dtype, backend, poison):
     plan = split_plan(B, L, nv, seed=2)
     T, K, I = B * L, 40, 36
     x = _rand(T, K, dtype=dtype)
     ws = [_rand(I, K, dtype=dtype, scale=K ** -0.5) for _ in range(4)]
-    y = routed_swiglu(x, *ws, plan, backend=backend)
+    y = routed_swiglu(x, *ws, plan, recompute=recompute, backend=backend)
     ins64 = _leaf64([x] + ws)
     ref = RL.routed_swiglu_reference(*ins64, plan)
     assert y.shape == (T, I) and y.dtype == dtype
@@ -336,8 +337,9 @@ def test_opcheck_fake_impls():
     x, wv, wl, b, r = torch.randn(9, 8), torch.randn(6, 8), torch.randn(6, 8), torch.randn(6), torch.randn(9, 6)
     torch.library.opcheck(RL_OPS._routed_linear_op, (x, wv, wl, plan.expert_offsets, 4, b, None, r, "torch"),
                           test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(RL_OPS._routed_swiglu_op, (x, wv, wv, wl, wl, plan.expert_offsets, 4, "torch"),
-                          test_utils=("test_schema", "test_faketensor"))
+    for recompute in (False, True):
+        torch.library.opcheck(RL_OPS._routed_swiglu_op, (x, wv, wv, wl, wl, plan.expert_offsets, 4, recompute, "torch"),
+                              test_utils=("test_schema", "test_faketensor"))
     wq = torch.randn(16, 8)
     torch.library.opcheck(RL_OPS._routed_qkv_rope_op,
                           (x, wq, wq, plan.expert_offsets, 4, None, None, plan.perm,
@@ -428,3 +430,54 @@ def test_aot_compile_gpu_configs_no_spill():
         assert ok == "True", ln
         assert stack == "0" and local == "0", ln  # no spill (cuobjdump STACK/LOCAL)
         assert (wgmma == "True") if "sm90" in name else (mma == "True"), ln  # tensor cores: wgmma on sm_90
+
+
+# ---------------------------------------------------------------------------------------------- design costs (issue 13)
+@needs_triton
+@pytest.mark.parametrize("recompute", [False, True])
+def test_swiglu_saved_preactivations_no_recompute(recompute, monkeypatch):
+    """Default: forward saves gate|up, backward runs ONE dX GEMM (K = 2I) and no EPI_SWIGLU_BWD recompute GEMM."""
+    plan = split_plan(1, 37, 21, seed=8)
+    x = torch.randn(37, 24, requires_grad=True)
+    ws = [(torch.randn(20, 24) * 0.2).requires_grad_() for _ in range(4)]
+    calls = []
+    real = RL_OPS._launch_gemm
+    monkeypatch.setattr(RL_OPS, "_launch_gemm", lambda *a, **k: calls.append(k) or real(*a, **k))
+    y = routed_swiglu(x, *ws, plan, recompute=recompute, backend="triton")
+    fwd = list(calls)
+    grads = torch.autograd.grad(y.sum(), [x] + ws)
+    bwd = calls[len(fwd):]
+    assert [k.get("save_gu") for k in fwd] == [not recompute]
+    epis = [k.get("epilogue", RL_K.EPI_LINEAR) for k in bwd]
+    assert epis == ([RL_K.EPI_SWIGLU_BWD] if recompute else []) + [RL_K.EPI_LINEAR]
+    assert bwd[-1]["k_split"] == 20  # one grouped GEMM over K = 2I
+    x64 = _leaf64([x] + ws)
+    r64 = torch.autograd.grad(RL.routed_swiglu_reference(*x64, plan).sum(), x64)
+    for g, r in zip(grads, r64):
+        assert rel_err(g, r) < 1e-5
+
+
+def test_fp32_precision_follows_torch_setting(monkeypatch):
+    monkeypatch.setattr(RL_LAUNCH, "interpret_mode", lambda: False)
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert RL_LAUNCH._precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert RL_LAUNCH._precision(torch.float32) == "tf32"
+        assert RL_LAUNCH._precision(torch.bfloat16) == "tf32"  # ignored by 16-bit dots
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+def test_torch_wgrad_stays_in_input_dtype(monkeypatch):
+    """The torch path's dW is one GEMM in the input dtype (no fp32 upcast GEMM)."""
+    plan = split_plan(1, 9, 4)
+    x, dy = torch.randn(9, 8).bfloat16(), torch.randn(9, 6).bfloat16()
+    w = torch.randn(6, 8).bfloat16()
+    seen = []
+    real = torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda a, b, **k: seen.append((a.dtype, b.dtype)) or real(a, b, **k))
+    _, dwv, dwl, _, _ = RL_OPS._torch_linear_bwd(dy, x, w, w, 4, False, True, False, False)
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * 2 and dwv.dtype == torch.bfloat16
+    assert rel_err(dwv, dy[:4].double().t() @ x[:4].double()) < 1e-2

@@ -146,13 +146,21 @@ def routed_linear(x, weight_vision, weight_language, plan, *, bias_vision=None, 
                              residual, be)
 
 
-def routed_swiglu(x, gate_vision, up_vision, gate_language, up_language, plan, *, backend: str = "auto"):
+def routed_swiglu(x, gate_vision, up_vision, gate_language, up_language, plan, *, recompute: bool = False,
+                  backend: str = "auto"):
     """Routed SwiGLU MLP input half: ``silu(x @ Wg_e^T) * (x @ Wu_e^T)``.
 
     Args:
         x: [T, K] routed order; gate_*/up_*: [I, K] each per expert (HF gate_proj / up_proj weights, no bias).
-    Returns: [T, I]. The Triton kernel computes gate and up tiles from the same X tile (two accumulators) and writes
-    only the I product columns. Backward saves x and the weights only and recomputes gate/up.
+        recompute: memory/compute trade of the backward.
+            False (default): the forward kernel also writes the gate and up pre-activations ``[T, 2I]`` (saved for
+            backward, x.dtype); the backward is one elementwise pass (dgate, dup) + ONE grouped GEMM
+            dX = [dgate | dup] [Wg ; Wu] with K = 2I + the two weight gradients. No GEMM is recomputed.
+            True: saves only x and the weights (2*T*I fewer elements kept alive per layer); the backward recomputes
+            gate/up in one two-accumulator GEMM whose epilogue writes dgate, dup (+2*T*I*K FLOPs, ~a third more
+            backward GEMM work).
+        backend: "auto" | "triton" | "torch" (see ``routed_linear``).
+    Returns: [T, I] in x.dtype. The Triton kernel computes gate and up tiles from the same X tile (two accumulators).
     """
     x = _check_x_plan(x, plan)
     I, K = _weight_shape(gate_vision, "gate_vision")
@@ -160,8 +168,10 @@ def routed_swiglu(x, gate_vision, up_vision, gate_language, up_language, plan, *
         raise ValueError(f"gate_vision must have shape [I, K={x.shape[1]}] to match x, got {tuple(gate_vision.shape)}")
     gv, uv, gl, ul = _check_weights([("gate_vision", gate_vision), ("up_vision", up_vision),
                                      ("gate_language", gate_language), ("up_language", up_language)], I, K, x)
+    if not isinstance(recompute, bool):
+        raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
     be = select_backend(backend, x, "swiglu", I, K)
-    return _routed_swiglu_op(x, gv, uv, gl, ul, plan.expert_offsets, _nv_for(be, plan), be)
+    return _routed_swiglu_op(x, gv, uv, gl, ul, plan.expert_offsets, _nv_for(be, plan), recompute, be)[0]
 
 
 def routed_qkv_rope(x, weight_vision, weight_language, plan, *, num_heads: int, num_kv_heads: int,

@@ -6,9 +6,10 @@ from typing import Optional
 import torch
 
 from .kernels import EPI_QKV_ROPE, EPI_SWIGLU, EPI_SWIGLU_BWD
-from .launch import _launch_gemm, _launch_wgrad, _out
+from .launch import _launch_gemm, _launch_qkv_bwd_gather, _launch_swiglu_bwd_elementwise, _launch_wgrad, _out
 from .rope import _qkv_heads_to_routed, _qkv_routed_to_heads, _rope_rows
-from .torch_impl import _grouped_mm_fwd, _swiglu_grads, _torch_linear_bwd, _torch_linear_fwd, _torch_swiglu_fwd
+from .torch_impl import (_grouped_mm_fwd, _swiglu_grads, _torch_linear_bwd, _torch_linear_fwd, _torch_swiglu_bwd,
+                         _torch_swiglu_fwd)
 
 
 def _linear_fwd_impl(x, wv, wl, offsets, nv, bv, bl, residual, backend):
@@ -43,44 +44,47 @@ def _linear_bwd_impl(dy, x, wv, wl, offsets, nv, need_dx, need_dw, need_dbv, nee
     return dx, dwv, dwl, dbv, dbl
 
 
-def _swiglu_fwd_impl(x, gv, uv, gl, ul, offsets, nv, backend):
+def _swiglu_fwd_impl(x, gv, uv, gl, ul, offsets, nv, save_gu, backend):
+    """-> (h [T, I], gu [T, 2I] = [gate | up] pre-activations, or an empty tensor when not saved)."""
     if backend != "triton":
-        return _torch_swiglu_fwd(x, gv, uv, gl, ul, nv)
-    out = _out(x, x.shape[0], gv.shape[0])
-    _launch_gemm(x, gv, gl, offsets, out, epilogue=EPI_SWIGLU, w2v=uv, w2l=ul)
-    return out
+        h, gu = _torch_swiglu_fwd(x, gv, uv, gl, ul, nv, save_gu)
+        return h, gu if gu is not None else x.new_empty(0)
+    T, I = x.shape[0], gv.shape[0]
+    out = _out(x, T, I)
+    gu = _out(x, T, 2 * I) if save_gu else x.new_empty(0)
+    _launch_gemm(x, gv, gl, offsets, out, epilogue=EPI_SWIGLU, w2v=uv, w2l=ul, out2=gu if save_gu else None,
+                 save_gu=save_gu)
+    return out, gu
 
 
-def _swiglu_bwd_impl(dh, x, gv, uv, gl, ul, offsets, nv, need_dx, need_dw, backend):
-    """Recompute g, u from x; dg = dh*u*silu'(g), du = dh*silu(g); dX = dg Wg + du Wu; dWg = dg^T x, dWu = du^T x."""
+def _swiglu_bwd_impl(dh, gu, x, gv, uv, gl, ul, offsets, nv, need_dx, need_dw, backend):
+    """dgu = [dgate | dup] (dgate = dh*u*silu'(g), dup = dh*silu(g)) from the saved gu (one elementwise pass) or,
+    when gu is None, recomputed by the GEMM (EPI_SWIGLU_BWD); then dX = dgu [Wg ; Wu] as ONE grouped GEMM with
+    K = 2I (two weight pointers), and dWg = dgate^T x, dWu = dup^T x on column views of dgu (no copies)."""
     dh = dh.contiguous()
     T, K = x.shape
     I = gv.shape[0]
+    dgu = _out(x, T, 2 * I)  # [T, 2I]
     if backend != "triton":
-        dg = _out(x, T, I)
-        du = _out(x, T, I)
         for sl, g_w, u_w in ((slice(0, nv), gv, uv), (slice(nv, T), gl, ul)):
             if x[sl].shape[0]:
-                a, b = _swiglu_grads(x[sl] @ g_w.t(), x[sl] @ u_w.t(), dh[sl])
-                dg[sl], du[sl] = a, b
+                g, u = (x[sl] @ g_w.t(), x[sl] @ u_w.t()) if gu is None else (gu[sl, :I], gu[sl, I:])
+                dgu[sl, :I], dgu[sl, I:] = _swiglu_grads(g, u, dh[sl])
+        dx, dws = _torch_swiglu_bwd(dgu, x, gv, uv, gl, ul, nv, need_dx, need_dw)
+        return (dx,) + (tuple(dws) if dws is not None else (None,) * 4)
+    if gu is None:  # recompute: the GEMM epilogue turns dh into dgate, dup (row stride 2I for both halves)
+        _launch_gemm(x, gv, gl, offsets, dgu[:, :I], epilogue=EPI_SWIGLU_BWD, w2v=uv, w2l=ul, out2=dgu[:, I:],
+                     dh=dh)
     else:
-        dg = _out(x, T, I)
-        du = _out(x, T, I)
-        _launch_gemm(x, gv, gl, offsets, dg, epilogue=EPI_SWIGLU_BWD, w2v=uv, w2l=ul, out2=du, dh=dh)
-    dx, dgv, dgl, _, _ = _linear_bwd_impl(dg, x, gv, gl, offsets, nv, need_dx, need_dw, False, False, backend)
+        _launch_swiglu_bwd_elementwise(gu, dh, dgu)
+    dx = dgv = duv = dgl = dul = None
     if need_dx:
-        # dX += du Wu (second GEMM; the first result enters through the residual epilogue, fp32 add)
-        if backend == "triton":
-            dx2 = _out(x, T, K)
-            _launch_gemm(du, uv.t(), ul.t(), offsets, dx2, residual=dx)
-            dx = dx2
-        else:
-            for sl, u_w in ((slice(0, nv), uv), (slice(nv, T), ul)):
-                if x[sl].shape[0]:
-                    dx[sl].addmm_(du[sl], u_w)
-    duv = dul = None
+        dx = _out(x, T, K)
+        _launch_gemm(dgu, gv.t(), gl.t(), offsets, dx, w2v=uv.t(), w2l=ul.t(), k_split=I)
     if need_dw:
-        _, duv, dul, _, _ = _linear_bwd_impl(du, x, uv, ul, offsets, nv, False, True, False, False, backend)
+        dgv, duv, dgl, dul = (_out(w, I, K) for w in (gv, uv, gl, ul))
+        _launch_wgrad(dgu[:, :I], x, offsets, dgv, dgl, None, None)
+        _launch_wgrad(dgu[:, I:], x, offsets, duv, dul, None, None)
     return dx, dgv, duv, dgl, dul
 
 
@@ -103,8 +107,12 @@ def _qkv_fwd_impl(x, wv, wl, offsets, nv, bv, bl, perm, cos, sin, B, L, H, KV, b
 def _qkv_bwd_impl(dq, dk, dv, x, wv, wl, offsets, nv, perm, cos, sin, need_dx, need_dw, need_dbv, need_dbl,
                   backend, bias_dtype):
     H, KV, hd = dq.shape[1], dk.shape[1], dq.shape[3]
-    dqkv = _qkv_heads_to_routed(dq.to(x.dtype), dk.to(x.dtype), dv.to(x.dtype), perm)
-    dqkv = _rope_rows(dqkv, cos, sin, H + KV, hd, inverse=True)  # RoPE is a rotation: its adjoint is R(-theta)
+    if backend == "triton":  # one pass: gather to routed rows + inverse rotation into one [T, N] buffer
+        dqkv = _out(x, x.shape[0], wv.shape[0])
+        _launch_qkv_bwd_gather(dq, dk, dv, perm, cos, sin, dqkv)
+    else:
+        dqkv = _qkv_heads_to_routed(dq.to(x.dtype), dk.to(x.dtype), dv.to(x.dtype), perm)
+        dqkv = _rope_rows(dqkv, cos, sin, H + KV, hd, inverse=True)  # RoPE is a rotation: its adjoint is R(-theta)
     return _linear_bwd_impl(dqkv, x, wv, wl, offsets, nv, need_dx, need_dw, need_dbv, need_dbl, backend,
                             bias_dtype)
 
@@ -174,46 +182,51 @@ _routed_linear_op.register_autograd(_routed_linear_backward, setup_context=_rout
 @torch.library.custom_op("vexpert::routed_swiglu", mutates_args=())
 def _routed_swiglu_op(x: torch.Tensor, gate_vision: torch.Tensor, up_vision: torch.Tensor,
                       gate_language: torch.Tensor, up_language: torch.Tensor, offsets: torch.Tensor, num_vision: int,
-                      backend: str) -> torch.Tensor:
-    return _swiglu_fwd_impl(x, gate_vision, up_vision, gate_language, up_language, offsets, num_vision, backend)
+                      recompute: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (h [T, I], gu [T, 2I] saved pre-activations; an empty tensor when recompute)."""
+    return _swiglu_fwd_impl(x, gate_vision, up_vision, gate_language, up_language, offsets, num_vision,
+                            not recompute, backend)
 
 
 @_routed_swiglu_op.register_fake
-def _(x, gate_vision, up_vision, gate_language, up_language, offsets, num_vision, backend):
-    return x.new_empty(x.shape[0], gate_vision.shape[0])
+def _(x, gate_vision, up_vision, gate_language, up_language, offsets, num_vision, recompute, backend):
+    I = gate_vision.shape[0]
+    return x.new_empty(x.shape[0], I), (x.new_empty(0) if recompute else x.new_empty(x.shape[0], 2 * I))
 
 
 @torch.library.custom_op("vexpert::routed_swiglu_backward", mutates_args=())
-def _routed_swiglu_bwd_op(dh: torch.Tensor, x: torch.Tensor, gate_vision: torch.Tensor, up_vision: torch.Tensor,
-                          gate_language: torch.Tensor, up_language: torch.Tensor, offsets: torch.Tensor,
-                          num_vision: int, need_dx: bool, need_dw: bool,
+def _routed_swiglu_bwd_op(dh: torch.Tensor, gu: torch.Tensor, x: torch.Tensor, gate_vision: torch.Tensor,
+                          up_vision: torch.Tensor, gate_language: torch.Tensor, up_language: torch.Tensor,
+                          offsets: torch.Tensor, num_vision: int, need_dx: bool, need_dw: bool, recompute: bool,
                           backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    res = _swiglu_bwd_impl(dh, x, gate_vision, up_vision, gate_language, up_language, offsets, num_vision, need_dx,
-                           need_dw, backend)
+    res = _swiglu_bwd_impl(dh, None if recompute else gu, x, gate_vision, up_vision, gate_language, up_language,
+                           offsets, num_vision, need_dx, need_dw, backend)
     return _none_to_empty(res, x)
 
 
 @_routed_swiglu_bwd_op.register_fake
-def _(dh, x, gate_vision, up_vision, gate_language, up_language, offsets, num_vision, need_dx, need_dw, backend):
+def _(dh, gu, x, gate_vision, up_vision, gate_language, up_language, offsets, num_vision, need_dx, need_dw,
+      recompute, backend):
     e = x.new_empty(0)
     return (x.new_empty(x.shape) if need_dx else e,) + tuple(
         w.new_empty(w.shape) if need_dw else e for w in (gate_vision, up_vision, gate_language, up_language))
 
 
 def _routed_swiglu_setup(ctx, inputs, output):
-    x, gv, uv, gl, ul, offsets, nv, backend = inputs
-    ctx.save_for_backward(x, gv, uv, gl, ul, offsets)  # inputs only: g, u are recomputed in backward
-    ctx.nv, ctx.backend = nv, backend
+    x, gv, uv, gl, ul, offsets, nv, recompute, backend = inputs
+    ctx.save_for_backward(x, gv, uv, gl, ul, offsets, output[1])  # gu: empty when recompute
+    ctx.nv, ctx.recompute, ctx.backend = nv, recompute, backend
+    ctx.mark_non_differentiable(output[1])
 
 
-def _routed_swiglu_backward(ctx, dh):
-    x, gv, uv, gl, ul, offsets = ctx.saved_tensors
+def _routed_swiglu_backward(ctx, dh, _dgu):
+    x, gv, uv, gl, ul, offsets, gu = ctx.saved_tensors
     ni = ctx.needs_input_grad
     need_dw = bool(any(ni[1:5]))
-    dx, dgv, duv, dgl, dul = _routed_swiglu_bwd_op(dh, x, gv, uv, gl, ul, offsets, ctx.nv, bool(ni[0]), need_dw,
-                                                   ctx.backend)
+    dx, dgv, duv, dgl, dul = _routed_swiglu_bwd_op(dh, gu, x, gv, uv, gl, ul, offsets, ctx.nv, bool(ni[0]), need_dw,
+                                                   ctx.recompute, ctx.backend)
     pick = lambda t, i: t if ni[i] else None  # noqa: E731
-    return pick(dx, 0), pick(dgv, 1), pick(duv, 2), pick(dgl, 3), pick(dul, 4), None, None, None
+    return pick(dx, 0), pick(dgv, 1), pick(duv, 2), pick(dgl, 3), pick(dul, 4), None, None, None, None
 
 
 _routed_swiglu_op.register_autograd(_routed_swiglu_backward, setup_context=_routed_swiglu_setup)

@@ -9,7 +9,7 @@ from ..._triton_compat import HAS_TRITON, triton, tl
 
 # Epilogue codes (compile-time constants of the same kernel).
 EPI_LINEAR = 0       # out = acc (+ bias_e) (+ residual)
-EPI_SWIGLU = 1       # out = silu(acc_gate) * acc_up           (two accumulators from one X tile)
+EPI_SWIGLU = 1       # out = silu(acc_gate) * acc_up (two accumulators from one X tile); SAVE_GU: out2 = [g | u]
 EPI_SWIGLU_BWD = 2   # recompute g,u; out = dh*u*silu'(g), out2 = dh*silu(g)
 EPI_QKV_ROPE = 3     # (+ bias_e), RoPE on q,k heads, store at sequence position perm[row] into [B, heads, L, hd]
 
@@ -44,7 +44,7 @@ if HAS_TRITON:
         x_ptr, wv_ptr, wl_ptr, w2v_ptr, w2l_ptr,          # w2*: up weights (SwiGLU), else any pointer
         bv_ptr, bl_ptr, res_ptr, out_ptr, out2_ptr, dh_ptr,
         offsets_ptr, perm_ptr, cos_ptr, sin_ptr, k_out_ptr, v_out_ptr,
-        N, K,
+        N, K, K1,
         stride_xm, stride_xk, stride_wn, stride_wk,
         stride_om, stride_rm, stride_dm,
         seq_len, num_heads, num_kv_heads, num_n_tiles, max_tiles,
@@ -52,11 +52,16 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        SAVE_GU: tl.constexpr, SPLIT_K: tl.constexpr,
     ):
         """Persistent grouped GEMM: out[r, n] = sum_k x[r, k] * W_e[n, k] for rows r of expert e, + epilogue.
 
         W_e is addressed through (stride_wn, stride_wk), so the same kernel computes dX = dY W_e by passing the
         transposed weight view. The tile count (both experts) is read from the device offsets: no host sync.
+        K1: the first loop's reduction length (K unless SPLIT_K). SPLIT_K (linear epilogue only): columns [K1, K) of
+        x multiply the second weight pair w2* (SwiGLU dX = [dgate | dup] [Wg ; Wu]: one GEMM with K = 2I, two
+        weight pointers, one accumulator). SAVE_GU (EPI_SWIGLU): also store the pre-activations into out2
+        ([T, 2N], row stride stride_dm): gate in columns [0, N), up in [N, 2N).
         """
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
@@ -104,8 +109,8 @@ if HAS_TRITON:
                     w2_base = tl.where(is_l, w2l_ptr, w2v_ptr)
                 b2_ptrs = w2_base + cols2_64[None, :] * stride_wn + offs_k[:, None] * stride_wk
                 acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                k_mask = offs_k < K - k0
+            for k0 in range(0, K1, BLOCK_K):
+                k_mask = offs_k < K1 - k0
                 a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
                 if UPCAST_DOT:  # interpreter: tl.dot on 16-bit operands is wrong there
@@ -120,6 +125,20 @@ if HAS_TRITON:
                     b2_ptrs += BLOCK_K * stride_wk
                 a_ptrs += BLOCK_K * stride_xk
                 b_ptrs += BLOCK_K * stride_wk
+            if SPLIT_K:  # second half of the reduction: x columns [K1, K) against the second weight pair
+                w2_base = tl.where(is_l, w2l_ptr, w2v_ptr)
+                a_ptrs = x_ptr + rows64[:, None] * stride_xm + (K1 + offs_k)[None, :] * stride_xk
+                b_ptrs = w2_base + cols64[None, :] * stride_wn + offs_k[:, None] * stride_wk
+                for k0 in range(K1, K, BLOCK_K):
+                    k_mask = offs_k < K - k0
+                    a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                    b = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+                    if UPCAST_DOT:
+                        a = a.to(tl.float32)
+                        b = b.to(tl.float32)
+                    acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+                    a_ptrs += BLOCK_K * stride_xk
+                    b_ptrs += BLOCK_K * stride_wk
 
             out_mask = row_mask[:, None] & col_mask[None, :]
             if HAS_BIAS_V or HAS_BIAS_L:
@@ -148,6 +167,10 @@ if HAS_TRITON:
                 h = acc * sig * acc2
                 tl.store(out_ptr + rows64[:, None] * stride_om + cols64[None, :],
                          h.to(out_ptr.dtype.element_ty), mask=out_mask)
+                if SAVE_GU:  # pre-activations for the backward (no GEMM recompute there)
+                    gu_ptrs = out2_ptr + rows64[:, None] * stride_dm + cols64[None, :]
+                    tl.store(gu_ptrs, acc.to(out2_ptr.dtype.element_ty), mask=out_mask)
+                    tl.store(gu_ptrs + N, acc2.to(out2_ptr.dtype.element_ty), mask=out_mask)
             elif EPILOGUE == 2:
                 # d/dg [g*sig(g)*u] = u*sig*(1 + g*(1-sig));  d/du = g*sig
                 dh = tl.load(dh_ptr + rows64[:, None] * stride_dm + cols64[None, :], mask=out_mask,
@@ -244,3 +267,67 @@ if HAS_TRITON:
         if HAS_DB_V or HAS_DB_L:
             db_base = tl.where(is_l, dbl_ptr, dbv_ptr)
             tl.store(db_base + cols, dbias.to(db_base.dtype.element_ty), mask=cols < tl.where(want_db, N, 0))
+
+    @triton.jit
+    def _swiglu_bwd_elementwise_kernel(
+        gu_ptr, dh_ptr, dgu_ptr,
+        T, I,
+        stride_gm, stride_hm, stride_om,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """From the saved pre-activations gu = [g | u] ([T, 2I]) and dh ([T, I]): dgu = [dh*u*silu'(g) | dh*silu(g)]
+        (fp32 math, one pass). silu'(g) = sig(g) * (1 + g * (1 - sig(g)))."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rows < T)[:, None] & (cols < I)[None, :]
+        g_ptrs = gu_ptr + rows[:, None] * stride_gm + cols[None, :]
+        g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(g_ptrs + I, mask=mask, other=0.0).to(tl.float32)
+        dh = tl.load(dh_ptr + rows[:, None] * stride_hm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        sig = 1.0 / (1.0 + tl.exp(-g))
+        o_ptrs = dgu_ptr + rows[:, None] * stride_om + cols[None, :]
+        tl.store(o_ptrs, (dh * u * sig * (1.0 + g * (1.0 - sig))).to(dgu_ptr.dtype.element_ty), mask=mask)
+        tl.store(o_ptrs + I, (dh * g * sig).to(dgu_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _qkv_bwd_gather_kernel(
+        dq_ptr, dk_ptr, dv_ptr, perm_ptr, cos_ptr, sin_ptr, out_ptr,
+        T, seq_len, num_heads, num_kv_heads, stride_om,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        """QKV backward glue in one pass: out[i, head*hd:(head+1)*hd] = R(-angle_i) d{q,k,v}[b, h, l, :] for routed
+        row i at sequence position perm[i] = b*L + l (v heads are copied). The inverse of the forward epilogue's
+        store + rotation (RoPE is orthogonal: its adjoint is the rotation by -angle), with the same cos/sin table.
+        Grid: (row blocks, H + 2*KV heads); d{q,k,v} are contiguous [B, heads, L, hd]."""
+        pid_m = tl.program_id(0)
+        head = tl.program_id(1)
+        HALF: tl.constexpr = HEAD_DIM // 2
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < T
+        rows64 = rows.to(tl.int64)
+        jj = tl.arange(0, BLOCK_H)
+        mask = row_mask[:, None] & (jj < HALF)[None, :]
+        p = tl.load(perm_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        bb = p // seq_len
+        ll = p % seq_len
+        is_q = head < num_heads
+        is_k = (head >= num_heads) & (head < num_heads + num_kv_heads)
+        nh = tl.where(is_q, num_heads, num_kv_heads).to(tl.int64)
+        h_loc = tl.where(is_q, head, tl.where(is_k, head - num_heads, head - num_heads - num_kv_heads))
+        src = tl.where(is_q, dq_ptr, tl.where(is_k, dk_ptr, dv_ptr))
+        s_ptrs = src + (((bb * nh + h_loc.to(tl.int64)) * seq_len + ll) * HEAD_DIM)[:, None] + jj[None, :]
+        x1 = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(s_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+        o1 = x1
+        o2 = x2
+        if head < num_heads + num_kv_heads:
+            cs_off = rows64[:, None] * HALF + jj[None, :]
+            c = tl.load(cos_ptr + cs_off, mask=mask, other=1.0)
+            s = tl.load(sin_ptr + cs_off, mask=mask, other=0.0)
+            o1 = x1 * c + x2 * s
+            o2 = x2 * c - x1 * s
+        o_ptrs = out_ptr + rows64[:, None] * stride_om + head * HEAD_DIM + jj[None, :]
+        tl.store(o_ptrs, o1.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(o_ptrs + HALF, o2.to(out_ptr.dtype.element_ty), mask=mask)

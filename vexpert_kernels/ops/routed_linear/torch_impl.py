@@ -40,23 +40,49 @@ def _torch_linear_bwd(dy, x, wv, wl, nv, need_dx, need_dw, need_dbv, need_dbl):
             if dy[sl].shape[0]:
                 torch.matmul(dy[sl], w, out=dx[sl])
     if need_dw:
-        # fp32 accumulate, then cast: matches the Triton path's numerics on 16-bit inputs
-        dwv, dwl = [(dy[sl].t().float() @ x[sl].float()).to(w.dtype) for sl, w in parts]
+        # in the input dtype: cuBLAS accumulates 16-bit GEMMs in fp32 (like the Triton wgrad kernel); an fp32 upcast
+        # would run a true-fp32 GEMM (~10x slower on tensor-core GPUs). An expert with no rows gets exact zeros.
+        dwv, dwl = [torch.matmul(dy[sl].t(), x[sl]) for sl, _ in parts]
     if need_dbv:
-        dbv = dy[:nv].float().sum(0)
+        dbv = dy[:nv].sum(0, dtype=torch.float32)
     if need_dbl:
-        dbl = dy[nv:].float().sum(0)
+        dbl = dy[nv:].sum(0, dtype=torch.float32)
     return dx, dwv, dwl, dbv, dbl
 
 
-def _torch_swiglu_fwd(x, gv, uv, gl, ul, nv):
-    T = x.shape[0]
-    out = _out(x, T, gv.shape[0])
+def _torch_swiglu_fwd(x, gv, uv, gl, ul, nv, save_gu=False):
+    """h [T, I] = silu(x Wg^T) * (x Wu^T); with save_gu also gu [T, 2I] = [g | u] (else None)."""
+    T, I = x.shape[0], gv.shape[0]
+    out = _out(x, T, I)
+    gu = _out(x, T, 2 * I) if save_gu else None
     for sl, g_w, u_w in ((slice(0, nv), gv, uv), (slice(nv, T), gl, ul)):
         xs = x[sl]
         if xs.shape[0]:
-            torch.mul(torch.nn.functional.silu(xs @ g_w.t()), xs @ u_w.t(), out=out[sl])
-    return out
+            if gu is not None:
+                g = torch.matmul(xs, g_w.t(), out=gu[sl, :I])
+                u = torch.matmul(xs, u_w.t(), out=gu[sl, I:])
+            else:
+                g, u = xs @ g_w.t(), xs @ u_w.t()
+            torch.mul(torch.nn.functional.silu(g), u, out=out[sl])
+    return out, gu
+
+
+def _torch_swiglu_bwd(dgu, x, gv, uv, gl, ul, nv, need_dx, need_dw):
+    """From dgu [T, 2I] = [dgate | dup]: dX = dgate Wg + dup Wu (two cuBLAS GEMMs per expert, the second
+    accumulating with beta = 1: no concatenated weight copy), dW in the input dtype."""
+    T, I = x.shape[0], gv.shape[0]
+    parts = ((slice(0, nv), gv, uv), (slice(nv, T), gl, ul))
+    dx = dws = None
+    if need_dx:
+        dx = _out(x, x.shape)
+        for sl, g_w, u_w in parts:
+            if x[sl].shape[0]:
+                torch.matmul(dgu[sl, :I], g_w, out=dx[sl])
+                dx[sl].addmm_(dgu[sl, I:], u_w)
+            # (an expert without rows writes nothing: its rows do not exist)
+    if need_dw:
+        dws = [torch.matmul(dgu[sl, cols].t(), x[sl]) for sl, _, _ in parts for cols in (slice(0, I), slice(I, 2 * I))]
+    return dx, dws  # dws: [dWg_v, dWu_v, dWg_l, dWu_l]
 
 
 def _swiglu_grads(g, u, dh):
