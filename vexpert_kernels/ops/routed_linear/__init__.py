@@ -14,8 +14,12 @@ Public functions (shapes; weights in HF ``nn.Linear`` layout ``[N, K]``, one ten
 Backends (``backend=``): ``"triton"`` (one persistent grouped-GEMM launch over the tiles of both experts; the epilogue
 is fused), ``"torch"`` (two GEMMs on zero-copy row slices writing into slices of one output + PyTorch elementwise;
 the CPU fallback and the baseline), ``"grouped_mm"`` (``torch._grouped_mm`` where available, plain linear only),
-``"auto"`` (Triton where usable unless ``_MEASURED_BACKEND`` says torch was faster; ``VEXPERT_GEMM_BACKEND``
-overrides).
+``"auto"``: the environment variable ``VEXPERT_GEMM_BACKEND`` (one of the names above; anything else raises) wins;
+then on CUDA every call's key (dtype, N, K, epilogue, bias, residual, token bucket) is tuned once by
+``vexpert_kernels.autotune.select`` over torch, grouped_mm (bf16), 2-4 Triton configs and any launcher registered in
+``tuning._extra_candidates``, each checked against the torch path (static choice: torch); the backward tunes its dX
+and dW GEMMs the same way ("routed_linear_dx", "routed_linear_dw"). On CPU: our Triton kernels through the
+interpreter when it is on, else torch. ``last_backend(op)`` tells which path the last call ran.
 
 Layout: kernels (``_routed_gemm_kernel``, ``_routed_wgrad_kernel``) -> launchers -> torch backend -> custom ops
 (``torch.library.custom_op`` with fake impls and ``register_autograd``) -> public functions -> ``aot_compile_specs``.
@@ -23,9 +27,12 @@ Layout: kernels (``_routed_gemm_kernel``, ``_routed_wgrad_kernel``) -> launchers
 Backward: dX is the same grouped GEMM with the transposed weight views (no copies); dW_e = dY_e^T X_e and
 db_e = sum(dY_e) come from ``_routed_wgrad_kernel``: one program owns one (expert, N-tile, K-tile) block of dW and
 walks that expert's rows in order with an fp32 accumulator -> deterministic, no atomics.
-Saved for backward: the inputs only (x, weights); SwiGLU recomputes gate/up from x in one fused kernel
-(``EPI_SWIGLU_BWD``: the GEMM's epilogue turns dh into dgate, dup directly) and QKV re-derives the pre-RoPE gradient
-by the inverse rotation of dq, dk (RoPE is orthogonal), so no [T, 2I] or [T, N] intermediate is kept.
+Saved for backward: the inputs (x, weights); SwiGLU also saves its gate/up pre-activations [T, 2I] (written by the
+forward kernel) so its backward is one elementwise pass + ONE dX GEMM over K = 2I (two weight pointers) + dW;
+``recompute=True`` saves only the inputs and recomputes gate/up in the backward GEMM (``EPI_SWIGLU_BWD``). QKV
+re-derives the pre-RoPE gradient by the inverse rotation of dq, dk (RoPE is orthogonal) with the forward's cos/sin
+table, in one gather kernel into a [T, N] buffer. fp32 inputs follow ``torch.get_float32_matmul_precision()``
+("highest": IEEE fp32 products, else TF32), like cuBLAS.
 
 QKV forward tiles: one tile = BLOCK_M rows x one head's BLOCK_N first-half columns (accumulator 1) and the matching
 second-half columns (accumulator 2, the RoPE partners); cos/sin come from an fp32 [T, hd/2] table built by torch
@@ -40,15 +47,16 @@ from __future__ import annotations
 #   torch_impl.py  torch backend (two GEMMs on row slices), _swiglu_grads, torch._grouped_mm baseline
 #   rope.py        _rope_inv_freq, _rope_cos_sin, _rope_rows, _qkv_routed_to_heads, _qkv_heads_to_routed
 #   custom_ops.py  _*_impl bodies, the six vexpert:: ops, fakes, autograd
-#   api.py         select_backend, argument checks, routed_linear / routed_swiglu / routed_qkv_rope
+#   tuning.py      backend="auto" on CUDA: candidates + keys for autotune.select, backend names, _extra_candidates
+#   api.py         select_backend, last_backend, argument checks, routed_linear / routed_swiglu / routed_qkv_rope
 #   reference.py   float64 oracles *_reference
 #   aot.py         aot_compile_specs (defined only there: compile_report walks every module)
-from .api import BACKENDS, routed_linear, routed_qkv_rope, routed_swiglu, select_backend  # noqa: F401
+from .api import BACKENDS, ENV_BACKEND, last_backend, routed_linear, routed_qkv_rope, routed_swiglu, select_backend  # noqa: F401
 from .reference import (  # noqa: F401
     routed_linear_reference,
     routed_qkv_rope_reference,
     routed_swiglu_reference,
 )
 
-__all__ = ["routed_linear", "routed_swiglu", "routed_qkv_rope", "select_backend", "BACKENDS",
+__all__ = ["routed_linear", "routed_swiglu", "routed_qkv_rope", "select_backend", "last_backend", "BACKENDS",
            "routed_linear_reference", "routed_swiglu_reference", "routed_qkv_rope_reference"]

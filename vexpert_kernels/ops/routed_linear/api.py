@@ -7,48 +7,53 @@ from typing import Optional
 import torch
 
 from ..._triton_compat import require_triton, triton_usable_for
-from ...validation import check_positive_finite, check_tensor
-from .custom_ops import _routed_linear_op, _routed_qkv_rope_op, _routed_swiglu_op
+from ...validation import check_choice, check_positive_finite, check_positive_int, check_tensor
+from .custom_ops import (_linear_fwd_impl, _qkv_fwd_impl, _routed_linear_op, _routed_qkv_rope_op, _routed_swiglu_op,
+                         _swiglu_fwd_impl)
 from .rope import _rope_cos_sin, _rope_inv_freq
 from .torch_impl import _grouped_mm_available, _grouped_mm_fwd
+from .tuning import TUNE_PREFIX, _extra_candidates, make_key, triton_configs
+from .tuning import select as tune_select
 
 BACKENDS = ("auto", "triton", "torch", "grouped_mm")
+ENV_BACKEND = "VEXPERT_GEMM_BACKEND"
 
-# Measured dispatch table for backend="auto": (op, shape class) -> backend. Empty until GPU measurements
-# (benchmarks/) fill it; an entry "torch" makes auto skip Triton where Triton was measured slower.
-# Keys: ("linear" | "linear_bias" | "linear_residual" | "swiglu" | "qkv_rope", _shape_class(T, N, K), device cc major).
-_MEASURED_BACKEND: dict = {}
-
-
-def _shape_class(T: int, N: int, K: int) -> str:
-    def b(v):
-        return "s" if v < 1024 else ("m" if v < 8192 else "l")
-    return f"T{b(T)}N{b(N)}K{b(K)}"
+# Path actually used by the last call of each public op (observable for users and tests; see last_backend()).
+_LAST_BACKEND: dict = {}
 
 
-def select_backend(backend: str, x: torch.Tensor, op: str, N: int, K: int, *, triton_ok: bool = True) -> str:
-    """Resolve ``backend`` for one call. Explicit names win; "auto" honours VEXPERT_GEMM_BACKEND, then the measured
-    table (never a backend measured slower), then Triton where usable, else torch."""
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+def last_backend(op: str = "routed_linear") -> Optional[str]:
+    """The backend name the last call of ``op`` ("routed_linear" | "routed_swiglu" | "routed_qkv_rope") ran:
+    "torch", "grouped_mm", "triton", "triton:<config>" or a registered launcher's "<prefix>:<config>"; a leading
+    "auto/" means the forward was tuned and the backward tunes its dX / dW GEMMs. None before the first call."""
+    check_choice("op", op, ("routed_linear", "routed_swiglu", "routed_qkv_rope"))
+    return _LAST_BACKEND.get(op)
+
+
+def select_backend(backend: str, x: torch.Tensor, op: str = "linear", N: int = 0, K: int = 0) -> str:
+    """Resolve ``backend`` for one call.
+
+    Explicit names win. ``"auto"`` first honours the environment variable ``VEXPERT_GEMM_BACKEND`` (one of
+    BACKENDS; anything else raises), then: on CUDA returns ``"auto"`` (the caller tunes: ``autotune.select`` over
+    torch / grouped_mm / Triton configs / registered launchers, static choice torch); on CPU our Triton kernels
+    through the interpreter when it is on (how CI tests them), else torch.
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, one of {list(BACKENDS)}, got {type(backend).__name__}")
+    check_choice("backend", backend, BACKENDS)
     if backend == "auto":
-        env = os.environ.get("VEXPERT_GEMM_BACKEND", "").strip().lower()
+        env = os.environ.get(ENV_BACKEND, "").strip().lower()
         if env and env != "auto":
-            if env not in BACKENDS:
-                raise ValueError(f"VEXPERT_GEMM_BACKEND must be one of {BACKENDS}, got {env!r}")
+            check_choice(ENV_BACKEND, env, BACKENDS)
             backend = env
     if backend == "auto":
-        if not (triton_ok and triton_usable_for(x)):
-            return "torch"
-        cc = torch.cuda.get_device_capability(x.device)[0] if x.is_cuda else 0
-        measured = _MEASURED_BACKEND.get((op, _shape_class(x.shape[0], N, K), cc))
-        return measured or "triton"
+        if x.is_cuda:
+            return "auto"
+        return "triton" if triton_usable_for(x) else "torch"
     if backend == "triton":
         require_triton("backend='triton'")
         if not triton_usable_for(x):
             raise ValueError(f"backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU), x is on {x.device}")
-        if not triton_ok:
-            raise ValueError(f"backend='triton' does not support this {op} call (see the docstring), use 'torch'")
     if backend == "grouped_mm":
         if op != "linear":
             raise ValueError(f"backend='grouped_mm' only implements routed_linear, not {op}")
@@ -58,31 +63,63 @@ def select_backend(backend: str, x: torch.Tensor, op: str, N: int, K: int, *, tr
     return backend
 
 
+# ---------------------------------------------------------------------------------------------- auto: tuning
+def _candidates(names, run):
+    return {n: (lambda n=n: run(n)) for n in names}
+
+
+def _tune_linear(x, wv, wl, plan, bv, bl, residual) -> str:
+    T, K = x.shape
+    N = wv.shape[0]
+    nv, offs = plan.num_vision, plan.expert_offsets
+    names = ["torch"]
+    if _grouped_mm_available(x.device) and x.dtype == torch.bfloat16:
+        names.append("grouped_mm")
+    if triton_usable_for(x):
+        names += list(triton_configs("routed_linear_residual" if residual is not None else "routed_linear",
+                                     x.device, x.dtype))
+    names += [f"{ln.prefix}:{c}" for ln in _extra_candidates for c in ln.configs("routed_linear", x, wv)]
+    cands = _candidates(names, lambda n: _linear_fwd_impl(x, wv, wl, offs, nv, bv, bl, residual, n))
+    key = make_key(x.dtype, N, K, "residual" if residual is not None else "linear",
+                   bv is not None or bl is not None, residual is not None, T)
+    return tune_select("routed_linear", key, cands, cands["torch"], x.dtype)
+
+
+def _tune_swiglu(x, gv, uv, gl, ul, plan, recompute) -> str:
+    T, K = x.shape
+    names = ["torch"] + (list(triton_configs("routed_swiglu", x.device, x.dtype)) if triton_usable_for(x) else [])
+    cands = _candidates(names, lambda n: _swiglu_fwd_impl(x, gv, uv, gl, ul, plan.expert_offsets, plan.num_vision,
+                                                          not recompute, n))
+    key = make_key(x.dtype, gv.shape[0], K, "swiglu" if recompute else "swiglu_save", False, False, T)
+    return tune_select("routed_swiglu", key, cands, cands["torch"], x.dtype)
+
+
+def _tune_qkv(x, wv, wl, plan, bv, bl, cos, sin, H, KV) -> str:
+    T, K = x.shape
+    N = wv.shape[0]
+    names = ["torch"] + (list(triton_configs("routed_qkv_rope", x.device, x.dtype)) if triton_usable_for(x) else [])
+    cands = _candidates(names, lambda n: _qkv_fwd_impl(x, wv, wl, plan.expert_offsets, plan.num_vision, bv, bl,
+                                                       plan.perm, cos, sin, plan.batch_size, plan.seq_len, H, KV, n))
+    key = make_key(x.dtype, N, K, f"qkv_rope_hd{N // (H + 2 * KV)}_h{H}_kv{KV}", bv is not None or bl is not None,
+                   False, T)
+    return tune_select("routed_qkv_rope", key, cands, cands["torch"], x.dtype)
+
+
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_tensor(t, name, shape, dtype, device, allow_none=False):
-    if t is None:
-        if allow_none:
-            return
-        raise TypeError(f"{name} must be a torch.Tensor, got None")
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor{' or None' if allow_none else ''}, got {type(t).__name__}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype} (same as x), got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but x is on {device}")
+    """validation.check_tensor with x's dtype and device; any strides are accepted (see _dense)."""
+    return check_tensor(name, t, shape=shape, dtypes=(dtype,), device=device, allow_none=allow_none)
+
+
+def _dense(t):
+    """Unit column stride (kernels take row strides only): a copy only for column-strided views."""
+    return t if t is None or t.stride(-1) == 1 or t.numel() <= 1 else t.contiguous()
 
 
 def _check_x_plan(x, plan):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor [T, K], got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [T, K] in routed order, got shape {tuple(x.shape)}")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    check_tensor("x", x, dims=(2,), dtypes=_DTYPES)
     if not hasattr(plan, "expert_offsets") or not hasattr(plan, "perm"):
         raise TypeError(f"plan must be a vexpert_kernels.RoutingPlan, got {type(plan).__name__}")
     if x.shape[0] != plan.perm.shape[0]:
@@ -90,15 +127,13 @@ def _check_x_plan(x, plan):
                          f"got {x.shape[0]}")
     if plan.expert_offsets.device != x.device:
         raise ValueError(f"plan is on {plan.expert_offsets.device} but x is on {x.device}")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    return x
+    return _dense(x)
 
 
 def _check_weights(pairs, N, K, x):
     for name, w in pairs:
         _check_tensor(w, name, (N, K), x.dtype, x.device)
-    return [w if w.stride(-1) == 1 else w.contiguous() for _, w in pairs]
+    return [_dense(w) for _, w in pairs]
 
 
 def _weight_shape(w, name):
@@ -110,7 +145,8 @@ def _weight_shape(w, name):
 
 
 def _nv_for(backend, plan) -> int:
-    return plan.num_vision if backend == "torch" else -1  # the torch path slices on the host (one cached sync)
+    # the torch path (also a candidate of every tuned call) slices on the host: one cached sync per plan
+    return plan.num_vision if backend == "torch" or backend.startswith(TUNE_PREFIX) else -1
 
 
 # ============================================================================================== public API
@@ -135,15 +171,15 @@ def routed_linear(x, weight_vision, weight_language, plan, *, bias_vision=None, 
     _check_tensor(bias_vision, "bias_vision", (N,), x.dtype, x.device, allow_none=True)
     _check_tensor(bias_language, "bias_language", (N,), x.dtype, x.device, allow_none=True)
     _check_tensor(residual, "residual", (x.shape[0], N), x.dtype, x.device, allow_none=True)
-    if residual is not None and residual.stride(-1) != 1:
-        residual = residual.contiguous()
-    op = "linear_residual" if residual is not None else (
-        "linear_bias" if (bias_vision is not None or bias_language is not None) else "linear")
-    be = select_backend(backend, x, "linear" if backend == "grouped_mm" else op, N, K)
+    bv, bl, residual = _dense(bias_vision), _dense(bias_language), _dense(residual)  # strided views: copies
+    be = select_backend(backend, x, "linear", N, K)
+    if be == "auto":
+        be = _tune_linear(x, wv, wl, plan, bv, bl, residual)
+        be = be if be == "grouped_mm" else TUNE_PREFIX + be
+    _LAST_BACKEND["routed_linear"] = be
     if be == "grouped_mm":  # differentiable through torch's own grouped_mm autograd
-        return _grouped_mm_fwd(x, wv, wl, plan.expert_offsets, bias_vision, bias_language, residual)
-    return _routed_linear_op(x, wv, wl, plan.expert_offsets, _nv_for(be, plan), bias_vision, bias_language,
-                             residual, be)
+        return _grouped_mm_fwd(x, wv, wl, plan.expert_offsets, bv, bl, residual)
+    return _routed_linear_op(x, wv, wl, plan.expert_offsets, _nv_for(be, plan), bv, bl, residual, be)
 
 
 def routed_swiglu(x, gate_vision, up_vision, gate_language, up_language, plan, *, recompute: bool = False,
@@ -171,6 +207,9 @@ def routed_swiglu(x, gate_vision, up_vision, gate_language, up_language, plan, *
     if not isinstance(recompute, bool):
         raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
     be = select_backend(backend, x, "swiglu", I, K)
+    if be == "auto":
+        be = TUNE_PREFIX + _tune_swiglu(x, gv, uv, gl, ul, plan, recompute)
+    _LAST_BACKEND["routed_swiglu"] = be
     return _routed_swiglu_op(x, gv, uv, gl, ul, plan.expert_offsets, _nv_for(be, plan), recompute, be)[0]
 
 
@@ -192,9 +231,8 @@ def routed_qkv_rope(x, weight_vision, weight_language, plan, *, num_heads: int, 
     position ``plan.perm[i]``), RoPE (GPT-NeoX half rotation, fp32 cos/sin) applied to q and k.
     """
     x = _check_x_plan(x, plan)
-    for name, v in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    check_positive_int("num_heads", num_heads)
+    check_positive_int("num_kv_heads", num_kv_heads)
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     if (rope_theta is None) == (rope_cos_sin is None):
@@ -214,6 +252,7 @@ def routed_qkv_rope(x, weight_vision, weight_language, plan, *, num_heads: int, 
     wv, wl = _check_weights([("weight_vision", weight_vision), ("weight_language", weight_language)], N, K, x)
     _check_tensor(bias_vision, "bias_vision", (N,), x.dtype, x.device, allow_none=True)
     _check_tensor(bias_language, "bias_language", (N,), x.dtype, x.device, allow_none=True)
+    bv, bl = _dense(bias_vision), _dense(bias_language)
     if rope_cos_sin is not None:
         if not isinstance(rope_cos_sin, (tuple, list)) or len(rope_cos_sin) != 2:
             raise TypeError(f"rope_cos_sin must be a (cos, sin) pair, got {type(rope_cos_sin).__name__}")
@@ -225,6 +264,8 @@ def routed_qkv_rope(x, weight_vision, weight_language, plan, *, num_heads: int, 
         if not isinstance(positions, torch.Tensor) or tuple(positions.shape) != (x.shape[0],):
             raise ValueError(f"positions must be a tensor [T={x.shape[0]}] in routed order, got "
                              f"{getattr(positions, 'shape', type(positions).__name__)}")
+        if positions.dtype == torch.bool or positions.is_complex():
+            raise TypeError(f"positions must be an integer or floating tensor, got {positions.dtype}")
         if positions.device != x.device:
             raise ValueError(f"positions is on {positions.device} but x is on {x.device}")
         if position_dtype is not None:
@@ -232,7 +273,11 @@ def routed_qkv_rope(x, weight_vision, weight_language, plan, *, num_heads: int, 
                 raise TypeError(f"position_dtype must be a floating torch.dtype or None, got {position_dtype!r}")
             positions = positions.to(position_dtype)
         cos, sin = _rope_cos_sin(positions.to(torch.float32), _rope_inv_freq(hd, float(rope_theta), x.device))
+    cos, sin = cos.contiguous(), sin.contiguous()
     be = select_backend(backend, x, "qkv_rope", N, K)
+    if be == "auto":
+        be = TUNE_PREFIX + _tune_qkv(x, wv, wl, plan, bv, bl, cos, sin, num_heads, num_kv_heads)
+    _LAST_BACKEND["routed_qkv_rope"] = be
     B, L = plan.batch_size, plan.seq_len
-    return _routed_qkv_rope_op(x, wv, wl, plan.expert_offsets, _nv_for(be, plan), bias_vision, bias_language,
-                               plan.perm, cos.contiguous(), sin.contiguous(), B, L, num_heads, num_kv_heads, be)
+    return _routed_qkv_rope_op(x, wv, wl, plan.expert_offsets, _nv_for(be, plan), bv, bl, plan.perm, cos, sin, B, L,
+                               num_heads, num_kv_heads, be)

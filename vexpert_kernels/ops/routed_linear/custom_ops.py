@@ -5,55 +5,124 @@ from typing import Optional
 
 import torch
 
+from ..._triton_compat import triton_usable_for
 from .kernels import EPI_QKV_ROPE, EPI_SWIGLU, EPI_SWIGLU_BWD
 from .launch import _launch_gemm, _launch_qkv_bwd_gather, _launch_swiglu_bwd_elementwise, _launch_wgrad, _out
 from .rope import _qkv_heads_to_routed, _qkv_routed_to_heads, _rope_rows
+from .tuning import (_extra_candidates, extra_launcher, make_key, parse_backend, triton_configs, wgrad_configs)
+from .tuning import select as tune_select
 from .torch_impl import (_grouped_mm_fwd, _swiglu_grads, _torch_linear_bwd, _torch_linear_fwd, _torch_swiglu_bwd,
                          _torch_swiglu_fwd)
 
 
 def _linear_fwd_impl(x, wv, wl, offsets, nv, bv, bl, residual, backend):
-    if backend == "torch":
+    kind, cfg, _ = parse_backend(backend)
+    if kind == "torch":
         return _torch_linear_fwd(x, wv, wl, nv, bv, bl, residual)
-    if backend == "grouped_mm":
+    if kind == "grouped_mm":
         return _grouped_mm_fwd(x, wv, wl, offsets, bv, bl, residual)
+    if kind != "triton":
+        ln, name = extra_launcher(f"{kind}:{cfg}")
+        return ln.run("routed_linear", ln.configs("routed_linear", x, wv)[name], x=x, wv=wv, wl=wl, offsets=offsets,
+                      bv=bv, bl=bl, residual=residual)
     out = _out(x, x.shape[0], wv.shape[0])
-    _launch_gemm(x, wv, wl, offsets, out, bv=bv, bl=bl, residual=residual)
+    _launch_gemm(x, wv, wl, offsets, out, bv=bv, bl=bl, residual=residual, config=cfg)
     return out
+
+
+def _dx_run(name, dy, wv, wl, offsets, nv):
+    """dX = dY W_e with backend ``name`` (torch | triton[:cfg] | extra)."""
+    kind, cfg, _ = parse_backend(name)
+    T, K = dy.shape[0], wv.shape[1]
+    if kind == "torch":
+        dx = _out(dy, T, K)
+        for sl, w in ((slice(0, nv), wv), (slice(nv, T), wl)):
+            if dy[sl].shape[0]:
+                torch.matmul(dy[sl], w, out=dx[sl])
+        return dx
+    if kind != "triton":
+        ln, cname = extra_launcher(f"{kind}:{cfg}")
+        return ln.run("routed_linear_dx", ln.configs("routed_linear_dx", dy, wv)[cname], dy=dy, wv=wv, wl=wl,
+                      offsets=offsets)
+    dx = _out(dy, T, K)
+    _launch_gemm(dy, wv.t(), wl.t(), offsets, dx, config=cfg)  # the [K, N] transposed views, no copies
+    return dx
+
+
+def _dw_run(name, dy, x, wv, wl, offsets, nv, dbv=None, dbl=None):
+    """(dWv, dWl) = per-expert dY^T X with backend ``name``; a Triton run also fills dbv/dbl when given."""
+    kind, cfg, _ = parse_backend(name)
+    T = x.shape[0]
+    if kind == "torch":
+        return tuple(torch.matmul(dy[sl].t(), x[sl]) for sl in (slice(0, nv), slice(nv, T)))
+    if kind != "triton":
+        ln, cname = extra_launcher(f"{kind}:{cfg}")
+        return tuple(ln.run("routed_linear_dw", ln.configs("routed_linear_dw", x, wv)[cname], dy=dy, x=x,
+                            offsets=offsets))
+    dwv, dwl = _out(wv, wv.shape), _out(wl, wl.shape)
+    _launch_wgrad(dy, x, offsets, dwv, dwl, dbv, dbl, config=cfg)
+    return dwv, dwl
+
+
+def _tune_linear_bwd(dy, x, wv, wl, offsets, nv, need_dx, need_dw, has_bias):
+    """Names of the dX and dW paths for this key (``autotune.select`` per GEMM, reference = the torch path)."""
+    T, K = x.shape
+    N = wv.shape[0]
+    dxn = dwn = "torch"
+    use_triton = triton_usable_for(x)
+    if need_dx:
+        names = ["torch"] + (list(triton_configs("routed_linear_dx", x.device, x.dtype)) if use_triton else [])
+        names += [f"{ln.prefix}:{c}" for ln in _extra_candidates for c in ln.configs("routed_linear_dx", dy, wv)]
+        cands = {n: (lambda n=n: _dx_run(n, dy, wv, wl, offsets, nv)) for n in names}
+        dxn = tune_select("routed_linear_dx", make_key(x.dtype, K, N, "dx", False, False, T), cands, cands["torch"],
+                          x.dtype)
+    if need_dw:
+        names = ["torch"] + (list(wgrad_configs(x.device)) if use_triton else [])
+        names += [f"{ln.prefix}:{c}" for ln in _extra_candidates for c in ln.configs("routed_linear_dw", x, wv)]
+        cands = {n: (lambda n=n: _dw_run(n, dy, x, wv, wl, offsets, nv)) for n in names}
+        dwn = tune_select("routed_linear_dw", make_key(x.dtype, N, K, "dw", has_bias, False, T), cands,
+                          cands["torch"], x.dtype)
+    return dxn, dwn
 
 
 def _linear_bwd_impl(dy, x, wv, wl, offsets, nv, need_dx, need_dw, need_dbv, need_dbl, backend,
                      bias_dtype=None):
     dy = dy.contiguous()
-    if backend != "triton":
+    kind, _, tune = parse_backend(backend)
+    if not tune and kind != "triton":
         return _torch_linear_bwd(dy, x, wv, wl, nv, need_dx, need_dw, need_dbv, need_dbl)
-    T, K = x.shape
+    if tune:
+        dxn, dwn = _tune_linear_bwd(dy, x, wv, wl, offsets, nv, need_dx, need_dw, need_dbv or need_dbl)
+    else:
+        dxn = dwn = "triton"  # explicit backend="triton": the table's configs
     N = wv.shape[0]
-    dx = dwv = dwl = dbv = dbl = None
-    if need_dx:
-        dx = _out(x, T, K)
-        _launch_gemm(dy, wv.t(), wl.t(), offsets, dx)  # dX = dY W_e: the [K, N] transposed views, no copies
+    dx = _dx_run(dxn, dy, wv, wl, offsets, nv) if need_dx else None
+    dwv = dwl = dbv = dbl = None
+    triton_db = parse_backend(dwn)[0] == "triton"
+    if triton_db:
+        dbv = _out(x, N, dtype=bias_dtype or torch.float32) if need_dbv else None
+        dbl = _out(x, N, dtype=bias_dtype or torch.float32) if need_dbl else None
     if need_dw:
-        dwv = _out(wv, N, K)
-        dwl = _out(wl, N, K)
-    if need_dbv:
-        dbv = _out(x, N, dtype=bias_dtype or torch.float32)
-    if need_dbl:
-        dbl = _out(x, N, dtype=bias_dtype or torch.float32)
-    _launch_wgrad(dy, x, offsets, dwv, dwl, dbv, dbl)
+        dwv, dwl = _dw_run(dwn, dy, x, wv, wl, offsets, nv, dbv, dbl)
+    elif triton_db:
+        _launch_wgrad(dy, x, offsets, None, None, dbv, dbl)
+    if not triton_db:
+        dbv = dy[:nv].sum(0, dtype=torch.float32) if need_dbv else None
+        dbl = dy[nv:].sum(0, dtype=torch.float32) if need_dbl else None
     return dx, dwv, dwl, dbv, dbl
 
 
 def _swiglu_fwd_impl(x, gv, uv, gl, ul, offsets, nv, save_gu, backend):
     """-> (h [T, I], gu [T, 2I] = [gate | up] pre-activations, or an empty tensor when not saved)."""
-    if backend != "triton":
+    kind, cfg, _ = parse_backend(backend)
+    if kind != "triton":
         h, gu = _torch_swiglu_fwd(x, gv, uv, gl, ul, nv, save_gu)
         return h, gu if gu is not None else x.new_empty(0)
     T, I = x.shape[0], gv.shape[0]
     out = _out(x, T, I)
     gu = _out(x, T, 2 * I) if save_gu else x.new_empty(0)
     _launch_gemm(x, gv, gl, offsets, out, epilogue=EPI_SWIGLU, w2v=uv, w2l=ul, out2=gu if save_gu else None,
-                 save_gu=save_gu)
+                 save_gu=save_gu, config=cfg)
     return out, gu
 
 
@@ -65,7 +134,7 @@ def _swiglu_bwd_impl(dh, gu, x, gv, uv, gl, ul, offsets, nv, need_dx, need_dw, b
     T, K = x.shape
     I = gv.shape[0]
     dgu = _out(x, T, 2 * I)  # [T, 2I]
-    if backend != "triton":
+    if parse_backend(backend)[0] != "triton":
         for sl, g_w, u_w in ((slice(0, nv), gv, uv), (slice(nv, T), gl, ul)):
             if x[sl].shape[0]:
                 g, u = (x[sl] @ g_w.t(), x[sl] @ u_w.t()) if gu is None else (gu[sl, :I], gu[sl, I:])
@@ -90,7 +159,8 @@ def _swiglu_bwd_impl(dh, gu, x, gv, uv, gl, ul, offsets, nv, need_dx, need_dw, b
 
 def _qkv_fwd_impl(x, wv, wl, offsets, nv, bv, bl, perm, cos, sin, B, L, H, KV, backend):
     hd = wv.shape[0] // (H + 2 * KV)
-    if backend != "triton":
+    kind, cfg, _ = parse_backend(backend)
+    if kind != "triton":
         qkv = _torch_linear_fwd(x, wv, wl, nv, bv, bl, None)
         qkv = _rope_rows(qkv, cos, sin, H + KV, hd)
         return _qkv_routed_to_heads(qkv, perm, B, L, H, KV, hd)
@@ -100,14 +170,14 @@ def _qkv_fwd_impl(x, wv, wl, offsets, nv, bv, bl, perm, cos, sin, B, L, H, KV, b
     # cos, sin: [T, hd/2] fp32 each in routed order, read by the epilogue (see the kernel)
     _launch_gemm(x, wv, wl, offsets, q, epilogue=EPI_QKV_ROPE, bv=bv, bl=bl, perm=perm, cos=cos.contiguous(),
                  sin=sin.contiguous(), k_out=k, v_out=v, seq_len=L, num_heads=H, num_kv_heads=KV, head_dim=hd,
-                 n_cols=wv.shape[0])
+                 n_cols=wv.shape[0], config=cfg)
     return q, k, v
 
 
 def _qkv_bwd_impl(dq, dk, dv, x, wv, wl, offsets, nv, perm, cos, sin, need_dx, need_dw, need_dbv, need_dbl,
                   backend, bias_dtype):
     H, KV, hd = dq.shape[1], dk.shape[1], dq.shape[3]
-    if backend == "triton":  # one pass: gather to routed rows + inverse rotation into one [T, N] buffer
+    if parse_backend(backend)[0] == "triton":  # one pass: gather to routed rows + inverse rotation into one [T, N] buffer
         dqkv = _out(x, x.shape[0], wv.shape[0])
         _launch_qkv_bwd_gather(dq, dk, dv, perm, cos, sin, dqkv)
     else:

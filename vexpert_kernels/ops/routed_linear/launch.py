@@ -116,7 +116,7 @@ def _launch_qkv_bwd_gather(dq, dk, dv, perm, cos, sin, out):
                                  HEAD_DIM=hd, BLOCK_M=BM, BLOCK_H=triton.next_power_of_2(hd // 2), num_warps=4)
 
 
-def _launch_wgrad(dy, x, offsets, dwv, dwl, dbv, dbl):
+def _launch_wgrad(dy, x, offsets, dwv, dwl, dbv, dbl, config=None):
     """dW_e = dY_e^T X_e into dwv/dwl ([N, K] contiguous, or None), db_e into dbv/dbl ([N] or None)."""
     T, N = dy.shape
     K = x.shape[1]
@@ -128,7 +128,7 @@ def _launch_wgrad(dy, x, offsets, dwv, dwl, dbv, dbl):
             if t is not None:
                 t.zero_()
         return
-    BM, BN, BK, nw, ns = _wgrad_config(dy.device, N, K)
+    BM, BN, BK, nw, ns = config or _wgrad_config(dy.device, N, K)
     nk = triton.cdiv(K, BK) if has_dw else 1  # dbias only: one program per (expert, N tile)
     grid = (2 * triton.cdiv(N, BN) * nk,)
     any_ = next(t for t in (dwv, dbv, dbl) if t is not None)
