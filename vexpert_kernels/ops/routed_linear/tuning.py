@@ -152,5 +152,7 @@ def make_key(dtype, N, K, epilogue, has_bias, has_residual, T) -> tuple:
 
 
 def select(op: str, key: tuple, candidates: dict, reference, dtype) -> str:
-    """The one call into the tuner (static choice: the torch path, correct on every GPU)."""
-    return autotune.select(op, key, candidates, reference, static="torch", dtype=dtype)
+    """The one call into the tuner (static choice: the torch path, correct on every GPU). Candidates run the op
+    bodies on the caller's tensors outside autograd (the chosen path then runs inside the custom op)."""
+    with torch.no_grad():
+        return autotune.select(op, key, candidates, reference, static="torch", dtype=dtype)
