@@ -79,3 +79,65 @@ def aot_compile_specs():
         for dt in DTYPES:
             specs.append(wgrad_spec(cfg, dt))
     return specs
+
+
+# ----------------------------------------------------------------------------------------------- SASS check
+SASS_OPS = ("HGMMA", "UTMALDG", "UTMASTG", "LDL", "STL", "USETMAXREG")
+
+
+def sass_features(spec, arch: int = 90) -> dict:
+    """Compile ``spec`` for sm_90a (needs TRITON_INTERPRET unset) and count, in the SASS, the instructions the
+    kernel relies on: HGMMA (wgmma), UTMALDG / UTMASTG (TMA loads / stores), LDL / STL (local memory = spills),
+    USETMAXREG (warp-specialised register split); plus registers and stack bytes from cuobjdump."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ... import compile_report as cr
+    sig = cr._full_signature(spec.fn, spec)
+    div16 = spec.extra.get("divisible_by_16", ())
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(sig.items())
+             if t.startswith("*") or n in div16}
+    kernel = triton.compile(ASTSource(fn=spec.fn, signature=sig, constexprs=dict(spec.constexprs), attrs=attrs),
+                            target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+        path = f.name
+    try:
+        sass = subprocess.run([cr._cuobjdump_path(), "--dump-sass", path], capture_output=True, text=True,
+                              timeout=120, check=True).stdout
+        usage = subprocess.run([cr._cuobjdump_path(), "--dump-resource-usage", path], capture_output=True,
+                               text=True, timeout=120, check=True).stdout
+    finally:
+        os.unlink(path)
+    res = cr.parse_resource_usage(usage, getattr(kernel.metadata, "name", None))
+    counts = {op: len(re.findall(r"\b" + op + r"\b", sass)) for op in SASS_OPS}
+    return {"name": spec.name, "triton": triton.__version__, "registers": res["registers"], "stack": res["stack"],
+            "local": res["local"], "shared": int(getattr(kernel.metadata, "shared", 0) or 0), **counts}
+
+
+def sass_check_specs():
+    """One spec per GPU config, the heaviest variant (bf16; forward + residual: most registers and shared
+    memory), the dX layout on the first config, and every dW config: what ``tests/test_gemm_sm90.py``
+    disassembles (``--all``: every spec; ``compile_report`` checks every spec's PTX)."""
+    specs = [gemm_spec(cfg, GEMM_VARIANTS[3], "bf16") for cfg in SM90_CONFIGS]
+    specs.append(gemm_spec(SM90_CONFIGS[0], GEMM_VARIANTS[4], "bf16"))
+    for cfg in SM90_WGRAD_CONFIGS:
+        specs.append(wgrad_spec(cfg, "bf16"))
+    return specs
+
+
+if __name__ == "__main__":  # python -m vexpert_kernels.ops.gemm_sm90.aot [--all]: JSON lines of SASS features
+    import json
+    import sys
+    for sp in (aot_compile_specs() if "--all" in sys.argv else sass_check_specs()):
+        try:
+            print(json.dumps(sass_features(sp)), flush=True)
+        except Exception as exc:  # one line per spec, never a crash
+            print(json.dumps({"name": sp.name, "error": f"{type(exc).__name__}: {exc}"[:800]}), flush=True)

@@ -69,10 +69,10 @@ def _gemm_config(config: Optional[SM90Config], device, T: int, C: int) -> SM90Co
     if device.type != "cuda":
         return INTERP_CONFIGS[0]
     if T <= 2048:
-        return SM90_CONFIGS[-1]       # 64x128: enough tiles for the SMs
+        return SM90_CONFIGS[4]        # 64x128: enough tiles for the SMs
     if C >= 4096:
         return SM90_CONFIGS[0]        # 128x256 sub2
-    return SM90_CONFIGS[4]            # 128x128
+    return SM90_CONFIGS[2]            # 128x128
 
 
 def _new_out(like, shape, out, name):
