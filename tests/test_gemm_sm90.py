@@ -21,8 +21,9 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
 
 if HAS_TRITON:
     from vexpert_kernels.ops.gemm_sm90 import (INTERP_CONFIGS, INTERP_WGRAD_CONFIGS, SM90_CONFIGS,
-                                               SM90_WGRAD_CONFIGS, grouped_gemm_dx_sm90, grouped_gemm_sm90,
-                                               grouped_wgrad_sm90, sm90_unsupported_reason)
+                                               SM90_SWIGLU_CONFIGS, SM90_WGRAD_CONFIGS, grouped_gemm_dx_sm90,
+                                               grouped_gemm_sm90, grouped_swiglu_sm90, grouped_wgrad_sm90,
+                                               sm90_unsupported_reason)
 
 
 def _version(v):
@@ -123,6 +124,25 @@ def test_wgrad(T, nv, N, K):
 
 
 @needs_interp
+@pytest.mark.parametrize("T,nv,I,K", [(37, 13, 40, 24), (20, 0, 24, 16), (19, 19, 8, 40)])
+def test_swiglu(T, nv, I, K):
+    """h = silu(x Wg^T) * (x Wu^T) and the saved gu = [g | u]; I = 40 is not a multiple of the 16/32-column tiles,
+    so a partial g tile must stop at column I (not spill into u's columns)."""
+    dt = torch.bfloat16
+    x = torch.randn(T, K, dtype=dt)
+    gv, uv, gl, ul = (torch.randn(I, K, dtype=dt) for _ in range(4))
+    xd = x.double()
+    g = torch.cat([xd[:nv] @ gv.double().T, xd[nv:] @ gl.double().T])
+    u = torch.cat([xd[:nv] @ uv.double().T, xd[nv:] @ ul.double().T])
+    h_ref = torch.nn.functional.silu(g) * u
+    for cfg in INTERP_CONFIGS:
+        h, gu = grouped_swiglu_sm90(x, gv, uv, gl, ul, _offsets(nv, T), config=cfg,
+                                    out=(_nan((T, I), dt), _nan((T, 2 * I), dt)))
+        assert _rel(h, h_ref) < TOL[dt], cfg.name
+        assert _rel(gu[:, :I], g) < TOL[dt] and _rel(gu[:, I:], u) < TOL[dt], cfg.name
+
+
+@needs_interp
 def test_wgrad_no_rows():
     dwv, dwl = grouped_wgrad_sm90(torch.randn(0, 16, dtype=torch.bfloat16), torch.randn(0, 24, dtype=torch.bfloat16),
                                   _offsets(0, 0))
@@ -198,7 +218,7 @@ def test_sass_every_gpu_config_has_wgmma_tma_and_no_spill(sass_rows):
     from vexpert_kernels.ops.gemm_sm90.aot import sass_check_specs
     assert [r["name"] for r in sass_rows] == [s.name for s in sass_check_specs()]
     covered = {r["name"].split(",")[-1].rstrip("]") for r in sass_rows}
-    assert covered == {c.name for c in SM90_CONFIGS} | {c.name for c in SM90_WGRAD_CONFIGS}
+    assert covered == {c.name for c in SM90_CONFIGS + SM90_WGRAD_CONFIGS + SM90_SWIGLU_CONFIGS}
     for r in sass_rows:
         assert "error" not in r, r
         assert r["HGMMA"] > 0, f"{r['name']}: no wgmma (HGMMA) in the SASS"

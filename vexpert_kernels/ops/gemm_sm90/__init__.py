@@ -12,13 +12,14 @@ Contract (weights in ``nn.Linear`` layout [N, K]; ``offsets`` int32 [3] device t
   -> ``y [T,N]``
 * ``grouped_gemm_dx_sm90(dy [T,N], wv, wl, offsets, config=None)`` -> ``dx [T,K]``
 * ``grouped_wgrad_sm90(dy [T,N], x [T,K], offsets, config=None)`` -> ``(dwv [N,K], dwl [N,K])``
+* ``grouped_swiglu_sm90(x [T,K], gv [I,K], uv [I,K], gl, ul, offsets, config=None)`` -> ``(h [T,I], gu [T,2I])``
 
 These are autotune candidates (``config.name`` is the candidate name); nothing here has been timed on a GPU.
 """
-from .configs import (INTERP_CONFIGS, INTERP_WGRAD_CONFIGS, SM90_CONFIGS, SM90_WGRAD_CONFIGS, SM90Config,
-                      sm90_unsupported_reason, triton_sm90_reason)
-from .launch import grouped_gemm_dx_sm90, grouped_gemm_sm90, grouped_wgrad_sm90
+from .configs import (INTERP_CONFIGS, INTERP_WGRAD_CONFIGS, SM90_CONFIGS, SM90_SWIGLU_CONFIGS, SM90_WGRAD_CONFIGS,
+                      SM90Config, sm90_unsupported_reason, triton_sm90_reason)
+from .launch import grouped_gemm_dx_sm90, grouped_gemm_sm90, grouped_swiglu_sm90, grouped_wgrad_sm90
 
-__all__ = ["grouped_gemm_sm90", "grouped_gemm_dx_sm90", "grouped_wgrad_sm90", "SM90Config", "SM90_CONFIGS",
-           "SM90_WGRAD_CONFIGS", "INTERP_CONFIGS", "INTERP_WGRAD_CONFIGS", "sm90_unsupported_reason",
+__all__ = ["grouped_gemm_sm90", "grouped_gemm_dx_sm90", "grouped_wgrad_sm90", "grouped_swiglu_sm90", "SM90Config",
+           "SM90_CONFIGS", "SM90_WGRAD_CONFIGS", "SM90_SWIGLU_CONFIGS", "INTERP_CONFIGS", "INTERP_WGRAD_CONFIGS", "sm90_unsupported_reason",
            "triton_sm90_reason"]

@@ -4,7 +4,7 @@ on TMA descriptors and wgmma."""
 from __future__ import annotations
 
 from ..._triton_compat import HAS_TRITON
-from .configs import SM90_CONFIGS, SM90_WGRAD_CONFIGS, SM90Config
+from .configs import SM90_CONFIGS, SM90_SWIGLU_CONFIGS, SM90_WGRAD_CONFIGS, SM90Config
 
 # (variant name, B_KMAJOR, HAS_BIAS_V, HAS_BIAS_L, HAS_RESIDUAL). Biases are per-pass constexprs, so "bias" (both
 # experts) compiles the same per-pass code as the one-expert variants.
@@ -64,6 +64,26 @@ def wgrad_spec(cfg: SM90Config, dt: str = "bf16"):
                        extra={"config": cfg.name, "divisible_by_16": ["N", "K", "stride_dym", "stride_xm"]})
 
 
+def swiglu_signature(dt: str) -> dict:
+    p = "*" + dt
+    sig = {"x_ptr": p, "gv_ptr": p, "uv_ptr": p, "gl_ptr": p, "ul_ptr": p, "h_ptr": p, "gu_ptr": p,
+           "offsets_ptr": "*i32", "I": "i32", "K": "i32", "stride_xm": "i32", "stride_hm": "i32", "stride_gm": "i32",
+           "NUM_PROGS": "i32"}
+    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "EPI_SPLIT", "FLATTEN", "WARP_SPEC", "UPCAST_DOT"):
+        sig[name] = "constexpr"
+    return sig
+
+
+def swiglu_spec(cfg: SM90Config, dt: str = "bf16"):
+    from ..._aot import CompileSpec
+    from .kernels import _grouped_swiglu_sm90_kernel
+    return CompileSpec(name=f"swiglu_sm90[{dt},{cfg.name}]", fn=_grouped_swiglu_sm90_kernel,
+                       signature=swiglu_signature(dt), constexprs=_tile_constexprs(cfg), num_warps=cfg.num_warps,
+                       num_stages=cfg.num_stages, targets=(90,), expects_tma=True,
+                       extra={"config": cfg.name, "divisible_by_16": ["I", "K", "stride_xm", "stride_hm",
+                                                                       "stride_gm"]})
+
+
 def aot_compile_specs():
     """bf16: every config x every variant; fp16: the plain forward and dX per config (fp16 differs from bf16 only
     in the wgmma operand type)."""
@@ -78,6 +98,8 @@ def aot_compile_specs():
     for cfg in SM90_WGRAD_CONFIGS:
         for dt in DTYPES:
             specs.append(wgrad_spec(cfg, dt))
+    for cfg in SM90_SWIGLU_CONFIGS:
+        specs.append(swiglu_spec(cfg, "bf16"))
     return specs
 
 
@@ -130,6 +152,8 @@ def sass_check_specs():
     specs.append(gemm_spec(SM90_CONFIGS[0], GEMM_VARIANTS[4], "bf16"))
     for cfg in SM90_WGRAD_CONFIGS:
         specs.append(wgrad_spec(cfg, "bf16"))
+    for cfg in SM90_SWIGLU_CONFIGS:
+        specs.append(swiglu_spec(cfg, "bf16"))
     return specs
 
 

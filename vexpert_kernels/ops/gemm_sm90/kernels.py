@@ -191,3 +191,83 @@ if HAS_TRITON:
         _wgrad_pass(dy_ptr + row0_b * stride_dym, x_ptr + row0_b * stride_xm, dw_b, rows_b, _pass_start(pid, tiles, NUM_PROGS), N, K, stride_dym,
                     stride_xm, NUM_PROGS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EPI_SPLIT, FLATTEN, WARP_SPEC,
                     UPCAST_DOT)
+
+    @triton.jit
+    def _swiglu_store(g, u, h_desc, g_desc, u_desc, off_m, off_n):
+        """h = silu(g) * u from the fp32 accumulators; g and u are saved too (for the backward)."""
+        h = g * tl.sigmoid(g) * u
+        h_desc.store([off_m, off_n], h.to(h_desc.dtype))
+        g_desc.store([off_m, off_n], g.to(g_desc.dtype))
+        u_desc.store([off_m, off_n], u.to(u_desc.dtype))
+
+    @triton.jit
+    def _swiglu_pass(x_ptr, wg_ptr, wu_ptr, h_ptr, gu_ptr, rows, start, I, K, stride_xm, stride_hm, stride_gm,
+                     NUM_PROGS,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     EPI_SPLIT: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr,
+                     UPCAST_DOT: tl.constexpr):
+        """One expert: g = x Wg^T, u = x Wu^T (two accumulators, one x tile), h = silu(g) * u.
+        gu is [rows, 2I] = [g | u]: two descriptors of width I, so a partial column tile of g is clipped at I
+        and never lands in u's columns."""
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[rows, K], strides=[stride_xm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        wg_desc = tl.make_tensor_descriptor(wg_ptr, shape=[I, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
+        wu_desc = tl.make_tensor_descriptor(wu_ptr, shape=[I, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
+        SUB_N: tl.constexpr = BLOCK_N // EPI_SPLIT
+        h_desc = tl.make_tensor_descriptor(h_ptr, shape=[rows, I], strides=[stride_hm, 1],
+                                           block_shape=[BLOCK_M, SUB_N])
+        g_desc = tl.make_tensor_descriptor(gu_ptr, shape=[rows, I], strides=[stride_gm, 1],
+                                           block_shape=[BLOCK_M, SUB_N])
+        u_desc = tl.make_tensor_descriptor(gu_ptr + I, shape=[rows, I], strides=[stride_gm, 1],
+                                           block_shape=[BLOCK_M, SUB_N])
+        tiles_m = tl.cdiv(rows, BLOCK_M)
+        tiles_n = tl.cdiv(I, BLOCK_N)
+        k_steps = tl.cdiv(K, BLOCK_K)
+        tile_c = start - NUM_PROGS
+        for tile in tl.range(start, tiles_m * tiles_n, NUM_PROGS, flatten=FLATTEN, warp_specialize=WARP_SPEC):
+            pid_m, pid_n = _grouped_tile(tile, tiles_m, tiles_n, GROUP_M)
+            off_m = pid_m * BLOCK_M
+            off_n = pid_n * BLOCK_N
+            acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for ks in range(k_steps):
+                off_k = ks * BLOCK_K
+                a = x_desc.load([off_m, off_k])
+                bg = wg_desc.load([off_n, off_k]).T
+                bu = wu_desc.load([off_n, off_k]).T
+                if UPCAST_DOT:
+                    a = a.to(tl.float32)
+                    bg = bg.to(tl.float32)
+                    bu = bu.to(tl.float32)
+                acc_g = tl.dot(a, bg, acc_g)
+                acc_u = tl.dot(a, bu, acc_u)
+            tile_c += NUM_PROGS
+            pid_m, pid_n = _grouped_tile(tile_c, tiles_m, tiles_n, GROUP_M)
+            off_m = pid_m * BLOCK_M
+            off_n = pid_n * BLOCK_N
+            if EPI_SPLIT == 2:
+                g0, g1 = tl.split(tl.permute(tl.reshape(acc_g, (BLOCK_M, 2, SUB_N)), (0, 2, 1)))
+                u0, u1 = tl.split(tl.permute(tl.reshape(acc_u, (BLOCK_M, 2, SUB_N)), (0, 2, 1)))
+                _swiglu_store(g0, u0, h_desc, g_desc, u_desc, off_m, off_n)
+                _swiglu_store(g1, u1, h_desc, g_desc, u_desc, off_m, off_n + SUB_N)
+            else:
+                _swiglu_store(acc_g, acc_u, h_desc, g_desc, u_desc, off_m, off_n)
+
+    @triton.jit
+    def _grouped_swiglu_sm90_kernel(
+        x_ptr, gv_ptr, uv_ptr, gl_ptr, ul_ptr, h_ptr, gu_ptr, offsets_ptr,
+        I, K, stride_xm, stride_hm, stride_gm, NUM_PROGS,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        EPI_SPLIT: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    ):
+        """h[T, I] = silu(x Wg_e^T) * (x Wu_e^T), gu[T, 2I] = [g | u] per expert; vision pass, then language."""
+        pid = tl.program_id(0)
+        n_v = tl.load(offsets_ptr + 1)
+        n_t = tl.load(offsets_ptr + 2)
+        tiles_v = tl.cdiv(n_v, BLOCK_M) * tl.cdiv(I, BLOCK_N)
+        _swiglu_pass(x_ptr, gv_ptr, uv_ptr, h_ptr, gu_ptr, n_v, pid, I, K, stride_xm, stride_hm, stride_gm,
+                     NUM_PROGS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EPI_SPLIT, FLATTEN, WARP_SPEC, UPCAST_DOT)
+        r0 = n_v.to(tl.int64)
+        _swiglu_pass(x_ptr + r0 * stride_xm, gl_ptr, ul_ptr, h_ptr + r0 * stride_hm, gu_ptr + r0 * stride_gm,
+                     n_t - n_v, _pass_start(pid, tiles_v, NUM_PROGS), I, K, stride_xm, stride_hm, stride_gm,
+                     NUM_PROGS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EPI_SPLIT, FLATTEN, WARP_SPEC, UPCAST_DOT)

@@ -7,6 +7,8 @@ language):
 * ``grouped_gemm_sm90(x [T,K], wv [N,K], wl [N,K], offsets)`` -> ``y [T,N]`` = ``x_e W_e^T (+ b_e) (+ residual)``
 * ``grouped_gemm_dx_sm90(dy [T,N], wv, wl, offsets)`` -> ``dx [T,K]`` = ``dy_e W_e``
 * ``grouped_wgrad_sm90(dy [T,N], x [T,K], offsets)`` -> ``(dwv [N,K], dwl [N,K])`` = ``dy_e^T x_e``
+* ``grouped_swiglu_sm90(x [T,K], gv [I,K], uv [I,K], gl, ul, offsets)`` -> ``(h [T,I], gu [T,2I])``:
+  ``g = x_e Wg_e^T``, ``u = x_e Wu_e^T``, ``h = silu(g) * u``, ``gu = [g | u]`` (saved for the backward)
 
 fp32 accumulation, outputs in the input dtype. ``config`` is an :class:`SM90Config` (default: a size heuristic;
 the autotuner passes each of ``SM90_CONFIGS``). ``out=`` (optional) is written in place and returned (tests pass
@@ -20,11 +22,11 @@ import torch
 
 from ..._triton_compat import interpret_mode, triton
 from ...validation import check_tensor
-from .configs import (INTERP_CONFIGS, INTERP_NUM_PROGRAMS, INTERP_WGRAD_CONFIGS, SM90_CONFIGS, SM90_WGRAD_CONFIGS,
-                      SM90Config, gemm_reason)
-from .kernels import _grouped_gemm_sm90_kernel, _grouped_wgrad_sm90_kernel
+from .configs import (INTERP_CONFIGS, INTERP_NUM_PROGRAMS, INTERP_WGRAD_CONFIGS, SM90_CONFIGS, SM90_SWIGLU_CONFIGS,
+                      SM90_WGRAD_CONFIGS, SM90Config, gemm_reason)
+from .kernels import _grouped_gemm_sm90_kernel, _grouped_swiglu_sm90_kernel, _grouped_wgrad_sm90_kernel
 
-__all__ = ["grouped_gemm_sm90", "grouped_gemm_dx_sm90", "grouped_wgrad_sm90"]
+__all__ = ["grouped_gemm_sm90", "grouped_gemm_dx_sm90", "grouped_wgrad_sm90", "grouped_swiglu_sm90"]
 
 
 class _Scratch:
@@ -175,3 +177,34 @@ def grouped_wgrad_sm90(dy, x, offsets, config: Optional[SM90Config] = None, out=
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dwv, dwl
+
+
+def grouped_swiglu_sm90(x, gv, uv, gl, ul, offsets, config: Optional[SM90Config] = None, out=None):
+    """(h [T, I], gu [T, 2I]): g = x_e Wg_e^T, u = x_e Wu_e^T (fp32 accumulators, one pass over x), h = silu(g) * u
+    from the fp32 values; gu = [g | u] in x.dtype. x [T, K]; gv, uv, gl, ul [I, K]."""
+    _check_common("x", x, gv, gl, offsets)
+    check_tensor("uv", uv, shape=tuple(gv.shape), dtypes=(x.dtype,), device=x.device)
+    check_tensor("ul", ul, shape=tuple(gv.shape), dtypes=(x.dtype,), device=x.device)
+    if x.shape[1] != gv.shape[1]:
+        raise ValueError(f"x [T, K] and gv [I, K] disagree on K: {tuple(x.shape)} vs {tuple(gv.shape)}")
+    T, K = x.shape
+    I = gv.shape[0]
+    _require(x, I, K)
+    h = _new_out(x, (T, I), None if out is None else out[0], "out[0]")
+    gu = _new_out(x, (T, 2 * I), None if out is None else out[1], "out[1]")
+    if T == 0:
+        return h, gu
+    cfg = config or (INTERP_CONFIGS[0] if x.device.type != "cuda" else
+                     SM90_SWIGLU_CONFIGS[2] if T <= 2048 else SM90_SWIGLU_CONFIGS[0])
+    x = _row_major(x)
+    gv, uv, gl, ul = (w.contiguous() for w in (gv, uv, gl, ul))
+    max_tiles = (triton.cdiv(T, cfg.block_m) + 1) * triton.cdiv(I, cfg.block_n)
+    grid = max(1, min(_num_programs(x.device), max_tiles))
+    _set_scratch(x.device)
+    _grouped_swiglu_sm90_kernel[(grid,)](
+        x, gv, uv, gl, ul, h, gu, offsets, I, K, x.stride(0), h.stride(0), gu.stride(0), grid,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        EPI_SPLIT=cfg.epi_split, FLATTEN=cfg.flatten, WARP_SPEC=cfg.warp_specialize, UPCAST_DOT=interpret_mode(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return h, gu
