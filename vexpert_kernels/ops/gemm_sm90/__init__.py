@@ -21,5 +21,5 @@ from .configs import (INTERP_CONFIGS, INTERP_WGRAD_CONFIGS, SM90_CONFIGS, SM90_S
 from .launch import grouped_gemm_dx_sm90, grouped_gemm_sm90, grouped_swiglu_sm90, grouped_wgrad_sm90
 
 __all__ = ["grouped_gemm_sm90", "grouped_gemm_dx_sm90", "grouped_wgrad_sm90", "grouped_swiglu_sm90", "SM90Config",
-           "SM90_CONFIGS", "SM90_WGRAD_CONFIGS", "SM90_SWIGLU_CONFIGS", "INTERP_CONFIGS", "INTERP_WGRAD_CONFIGS", "sm90_unsupported_reason",
-           "triton_sm90_reason"]
+           "SM90_CONFIGS", "SM90_WGRAD_CONFIGS", "SM90_SWIGLU_CONFIGS", "INTERP_CONFIGS", "INTERP_WGRAD_CONFIGS",
+           "sm90_unsupported_reason", "triton_sm90_reason"]

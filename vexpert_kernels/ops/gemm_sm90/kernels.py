@@ -183,14 +183,14 @@ if HAS_TRITON:
         row0_a = tl.where(l_first, n_v, 0).to(tl.int64)
         rows_a = tl.where(l_first, n_l, n_v)
         dw_a = tl.where(l_first, dwl_ptr, dwv_ptr)
-        _wgrad_pass(dy_ptr + row0_a * stride_dym, x_ptr + row0_a * stride_xm, dw_a, rows_a, pid, N, K, stride_dym, stride_xm, NUM_PROGS,
-                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EPI_SPLIT, FLATTEN, WARP_SPEC, UPCAST_DOT)
+        _wgrad_pass(dy_ptr + row0_a * stride_dym, x_ptr + row0_a * stride_xm, dw_a, rows_a, pid, N, K, stride_dym,
+                    stride_xm, NUM_PROGS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EPI_SPLIT, FLATTEN, WARP_SPEC, UPCAST_DOT)
         row0_b = tl.where(l_first, 0, n_v).to(tl.int64)
         rows_b = tl.where(l_first, n_v, n_l)
         dw_b = tl.where(l_first, dwv_ptr, dwl_ptr)
-        _wgrad_pass(dy_ptr + row0_b * stride_dym, x_ptr + row0_b * stride_xm, dw_b, rows_b, _pass_start(pid, tiles, NUM_PROGS), N, K, stride_dym,
-                    stride_xm, NUM_PROGS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EPI_SPLIT, FLATTEN, WARP_SPEC,
-                    UPCAST_DOT)
+        _wgrad_pass(dy_ptr + row0_b * stride_dym, x_ptr + row0_b * stride_xm, dw_b, rows_b,
+                    _pass_start(pid, tiles, NUM_PROGS), N, K, stride_dym, stride_xm, NUM_PROGS, BLOCK_M, BLOCK_N,
+                    BLOCK_K, GROUP_M, EPI_SPLIT, FLATTEN, WARP_SPEC, UPCAST_DOT)
 
     @triton.jit
     def _swiglu_store(g, u, h_desc, g_desc, u_desc, off_m, off_n):
