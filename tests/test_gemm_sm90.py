@@ -181,6 +181,10 @@ def test_unsupported_reasons_and_errors():
     off = _offsets(2, 4)
     with pytest.raises(TypeError, match="offsets"):
         grouped_gemm_sm90(x, w, w, off.long())
+    with pytest.raises(ValueError, match="offsets must be"):
+        grouped_gemm_sm90(x, w, w, _offsets(2, 5))
+    with pytest.raises(ValueError, match="offsets must be"):
+        grouped_wgrad_sm90(torch.randn(4, 8, dtype=bf), x, _offsets(6, 4))
     with pytest.raises(ValueError, match="wl"):
         grouped_gemm_sm90(x, w, w[:4], off)
     with pytest.raises(TypeError, match="bias_v"):

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from ..._triton_compat import interpret_mode, triton
-from ...validation import check_tensor
+from ...validation import check_tensor, debug_checks_enabled
 from .configs import (INTERP_CONFIGS, INTERP_NUM_PROGRAMS, INTERP_WGRAD_CONFIGS, SM90_CONFIGS, SM90_SWIGLU_CONFIGS,
                       SM90_WGRAD_CONFIGS, SM90Config, gemm_reason)
 from .kernels import _grouped_gemm_sm90_kernel, _grouped_swiglu_sm90_kernel, _grouped_wgrad_sm90_kernel
@@ -58,11 +58,21 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _check_offsets(offsets, T: int, device) -> None:
+    """offsets: int32 [3] on the data's device; its values (0 <= n_vision <= T = offsets[2], offsets[0] = 0) are
+    checked only where that costs no device->host sync (CPU tensors) or under VEXPERT_DEBUG=1."""
+    check_tensor("offsets", offsets, shape=(3,), dtypes=(torch.int32,), device=device)
+    if offsets.device.type == "cpu" or debug_checks_enabled():
+        o0, nv, nt = (int(v) for v in offsets.tolist())
+        if o0 != 0 or nt != T or not 0 <= nv <= T:
+            raise ValueError(f"offsets must be (0, n_vision, T) with 0 <= n_vision <= T = {T}, got {(o0, nv, nt)}")
+
+
 def _check_common(name_x, x, wv, wl, offsets):
     check_tensor(name_x, x, dims=(2,))
     check_tensor("wv", wv, dims=(2,), dtypes=(x.dtype,), device=x.device)
     check_tensor("wl", wl, shape=tuple(wv.shape), dtypes=(x.dtype,), device=x.device)
-    check_tensor("offsets", offsets, shape=(3,), dtypes=(torch.int32,), device=x.device)
+    _check_offsets(offsets, x.shape[0], x.device)
 
 
 def _gemm_config(config: Optional[SM90Config], device, T: int, C: int) -> SM90Config:
@@ -154,7 +164,7 @@ def grouped_wgrad_sm90(dy, x, offsets, config: Optional[SM90Config] = None, out=
     fp32 accumulation in a fixed row order (deterministic, no atomics); outputs in x.dtype."""
     check_tensor("dy", dy, dims=(2,))
     check_tensor("x", x, shape=(dy.shape[0], None), dtypes=(dy.dtype,), device=dy.device)
-    check_tensor("offsets", offsets, shape=(3,), dtypes=(torch.int32,), device=dy.device)
+    _check_offsets(offsets, dy.shape[0], dy.device)
     T, N = dy.shape
     K = x.shape[1]
     _require(x, N, K)
