@@ -15,8 +15,10 @@ _GEMM_CONFIGS = {
             "large": (128, 256, 64, 8, 8, 3),
             "medium": (128, 128, 64, 8, 8, 4),
             "small": (64, 128, 64, 8, 4, 4),
-            "dual": (128, 128, 64, 8, 8, 3),        # SwiGLU: two fp32 accumulators
-            "dual_small": (64, 128, 64, 8, 4, 3),
+            # SwiGLU: two fp32 accumulators (+ gate|up stores on the default save path): 128x128 spilled 24 B under
+            # Triton 3.9 with the stores, so 128x64
+            "dual": (128, 64, 64, 8, 8, 3),
+            "dual_small": (64, 64, 64, 8, 4, 3),     # 64x128 w4 spilled with the gate|up stores (Triton 3.9)
             "dual_bwd": (128, 64, 64, 8, 8, 3),      # SwiGLU backward: + dh tile and two outputs
             # QKV: BLOCK_N = half-head width (x2 accumulators: 128 rows x one hd=128 head); 184 regs, no spill
             "qkv": (128, 64, 64, 8, 8, 3),
