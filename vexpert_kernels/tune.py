@@ -10,7 +10,8 @@ every decision: op, key, chosen candidate, each candidate's time and verdict. De
 (``VEXPERT_CACHE_DIR``) for later processes on this GPU/software. The per-key budget defaults to 30 s here (pre-tuning
 can afford every candidate; a runtime first call uses ``VEXPERT_AUTOTUNE_BUDGET_S``, default 2 s).
 
-Without CUDA (or with ``--dry-run``) it prints the op shapes it would tune and the static choice ``auto`` uses there
+``--device cpu`` runs the same ops on CPU tensors (a smoke test of this tool; nothing tunes there). Without CUDA
+(or with ``--dry-run``) it prints the op shapes it would tune and the static choice ``auto`` uses there
 (plain PyTorch / SDPA on CUDA when untuned; our Triton kernels through the interpreter on CPU), and exits 0.
 """
 from __future__ import annotations
@@ -117,6 +118,9 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--force", action="store_true", help="re-tune keys already in the cache")
     ap.add_argument("--json", default=None, help="also write the decisions as JSON here")
     ap.add_argument("--dry-run", action="store_true", help="only list the shapes and static choices")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu: run the ops on CPU tensors anyway (a smoke test of this tool at tiny shapes; "
+                         "records the static choices, tunes nothing)")
     args = ap.parse_args(argv)
     if args.tokens <= 0:
         ap.error("--tokens must be > 0")
@@ -134,7 +138,7 @@ def main(argv: Optional[list] = None) -> int:
     cuda = torch.cuda.is_available()
     report = dict(preset=args.preset, batch=B, seq_len=L, image_tokens=n_img, dtype=args.dtype,
                   shapes=[dict(op=n, shape=d) for n, d in layer_shapes(cfg, B, L)], cuda=cuda)
-    if not cuda or args.dry_run:
+    if (not cuda and args.device == "cuda") or args.dry_run:
         why = "no CUDA device here" if not cuda else "--dry-run"
         print(f"\n{why}: nothing is tuned (tuning times CUDA kernels on the real tensors). backend='auto' uses the "
               "static choice: on CUDA, until tuned (or with VEXPERT_AUTOTUNE=0), the plain PyTorch / SDPA path; "
@@ -151,7 +155,7 @@ def main(argv: Optional[list] = None) -> int:
     tuner = autotune.get_tuner()
     tuner._budget_s, tuner.force = args.budget_s, args.force
     t0 = time.perf_counter()
-    errors = _run_layer_ops(cfg, B, L, n_img, dtype, torch.device("cuda"))
+    errors = _run_layer_ops(cfg, B, L, n_img, dtype, torch.device(args.device if cuda else "cpu"))
     rows = autotune.decisions()
     print(f"\nautotune decisions ({time.perf_counter() - t0:.1f} s; cache: {tuner.cache_dir}):")
     print(format_table(rows))
@@ -159,7 +163,7 @@ def main(argv: Optional[list] = None) -> int:
         if err:
             print(f"ERROR {op}: {err}")
     report.update(decisions=rows, errors={op: err for op, err in errors if err},
-                  fingerprint=autotune.tuner.default_fingerprint(None), seconds=round(time.perf_counter() - t0, 2))
+                  fingerprint=autotune.tuner.default_fingerprint(None) if cuda else None, seconds=round(time.perf_counter() - t0, 2))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1, default=str)
