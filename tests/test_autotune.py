@@ -140,6 +140,9 @@ def test_disk_cache_is_reused_by_a_new_process(tmp_path):
     t4.force = True
     again = {"torch": Cand(c, ms=0.5), "triton:v2": Cand(c, ms=1.5)}
     assert t4.select("op", (7, "x"), again, Ref(), static="torch", dtype=torch.float32) == "torch"
+    n = again["torch"].calls
+    assert t4.select("op", (7, "x"), again, Ref(), static="torch", dtype=torch.float32) == "torch"
+    assert again["torch"].calls == n  # forced once per process, then the fresh decision is reused
 
 
 def test_version_change_is_a_new_key_and_corrupt_file_is_tolerated(tmp_path, caplog):

@@ -118,9 +118,13 @@ def cuda_event_timer(fn: Callable[[], Any], reps: int = DEFAULT_REPS) -> float:
     return float(statistics.median(times))
 
 
+def _key_list(key) -> list:
+    return list(key) if isinstance(key, (tuple, list)) else [key]
+
+
 def entry_key(op: str, key: tuple) -> str:
-    """Stable string for (op, key), used in memory and on disk."""
-    return json.dumps([op, list(key) if isinstance(key, tuple) else key], default=str, separators=(",", ":"))
+    """Stable string for (op, key), used in memory and on disk (non-JSON values such as dtypes via str())."""
+    return json.dumps([op, _key_list(key)], default=str, separators=(",", ":"))
 
 
 # ================================================================================================ the tuner
@@ -143,7 +147,7 @@ class Tuner:
         self.untunable: dict = {}   # entry key -> record of why this process last returned the static choice
         self._no_tune: set = set()  # entry keys whose tensors cannot be tuned (e.g. CPU tensors on a CUDA machine)
         self._logged: set = set()
-        self.force = False          # retune even when a decision is cached (python -m vexpert_kernels.tune --force)
+        self.force = False          # retune keys cached on disk, once per process (python -m vexpert_kernels.tune --force)
 
     @property
     def cache_dir(self) -> str:
@@ -160,7 +164,7 @@ class Tuner:
             log.log(level, msg, *args)
 
     def _static(self, ek, op, key, static, reason, remember=False):
-        self.untunable[ek] = dict(op=op, key=list(key), chosen=static, status="static", reason=reason)
+        self.untunable[ek] = dict(op=op, key=_key_list(key), chosen=static, status="static", reason=reason)
         if remember:
             self._no_tune.add(ek)
         self._log_once(logging.INFO, "autotune %s %s: static choice %r (%s)", op, key, static, reason)
@@ -174,12 +178,11 @@ class Tuner:
         ek = entry_key(op, key)
         if not tuning_enabled():
             return self._static(ek, op, key, static, "VEXPERT_AUTOTUNE=0")
-        if not self.force:
-            rec = self.memory.get(ek)  # decided in this process (tuned here or read from disk)
-            if rec is not None and rec["chosen"] in candidates:
-                return rec["chosen"]
-            if ek in self._no_tune:
-                return static
+        rec = self.memory.get(ek)  # decided in this process (tuned here, or read from disk unless forcing)
+        if rec is not None and rec["chosen"] in candidates and (not self.force or rec.get("status") == "tuned"):
+            return rec["chosen"]
+        if ek in self._no_tune:
+            return static
         if not self.device_available():
             return self._static(ek, op, key, static, "no CUDA device")
         tracing = tracing_reason()
@@ -273,7 +276,7 @@ class Tuner:
             reason = "no candidate verified: static choice"
             self._log_once(logging.WARNING, "autotune %s %s: no candidate agreed with the reference; static %r",
                            op, key, static)
-        rec = dict(op=op, key=list(key), chosen=chosen, static=static, status="tuned", reason=reason,
+        rec = dict(op=op, key=_key_list(key), chosen=chosen, static=static, status="tuned", reason=reason,
                    budget_s=budget, budget_hit=budget_hit, tune_s=round(self.clock() - t0, 4),
                    dtype=str(dtype).replace("torch.", ""), candidates=table)
         log.info("autotune %s %s -> %r (%s)", op, key, chosen,

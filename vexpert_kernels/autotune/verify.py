@@ -1,7 +1,7 @@
 """Does a candidate's output agree with the plain-PyTorch reference? (per-dtype tolerance, NaN/inf pattern exact)
 
 The error measure is ``max|out - ref| / max(max|ref|, tiny)`` over every element of every output tensor, computed in
-float64 (a max, not a norm: a kernel that is wrong on a few ragged rows must not hide behind millions of right ones).
+float32 (float64 for float64 outputs) (a max, not a norm: a kernel that is wrong on a few ragged rows must not hide behind millions of right ones).
 Non-finite values must sit at exactly the same positions with the same value (NaN vs NaN, +inf vs +inf); a mismatch
 is a wrong answer whatever the tolerance.
 """
@@ -61,7 +61,8 @@ def mismatch(out: Any, ref: Any, dtype: torch.dtype) -> Optional[str]:
             return f"{path}: shape {tuple(o.shape)} != reference {tuple(r.shape)}"
         if o.numel() == 0:
             continue
-        o64, r64 = o.detach().double(), r.detach().double()
+        wide = torch.float64 if torch.float64 in (o.dtype, r.dtype, dtype) else torch.float32
+        o64, r64 = o.detach().to(wide), r.detach().to(wide)
         fo, fr = torch.isfinite(o64), torch.isfinite(r64)
         if not torch.equal(fo, fr):
             bad = int((fo != fr).sum())
