@@ -19,7 +19,7 @@ OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 unset TRITON_INTERPRET
-export VEXPERT_CACHE_DIR="$OUT/autotune_cache"   # tuning decisions of every stage land in $OUT, one JSON per GPU+versions
+export VEXPERT_AUTOTUNE_CACHE_DIR="$OUT/autotune_cache"   # tuning decisions of every stage land in $OUT, one JSON per GPU+versions
 export PYTHONPATH="$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"  # the pytest_jsonl plugin
 PY="${PYTHON:-python3}"
 T0=$(date +%s)
@@ -54,7 +54,7 @@ stage gpu_tests 75 "$OUT/gpu_tests.log" env VEXPERT_JSONL="$OUT/gpu_tests.jsonl"
 stage op_tests 45 "$OUT/op_tests.log" env VEXPERT_JSONL="$OUT/op_tests.jsonl" \
   $PY -m pytest tests/test_routed_linear.py tests/test_attention.py tests/test_rmsnorm.py -q -p no:cacheprovider \
   -p pytest_jsonl -m "not gpu and not slow" -rfE
-# (b) autotune tables at the real shapes (decisions also persist in $VEXPERT_CACHE_DIR as they are made)
+# (b) autotune tables at the real shapes (decisions also persist in $VEXPERT_AUTOTUNE_CACHE_DIR as they are made)
 for preset in cogvlm_chat_17b cogvlm2_19b; do
   stage "tune_$preset" 55 "$OUT/tune_$preset.log" $PY -m vexpert_kernels.tune --preset "$preset" --tokens 8192 \
     --budget-s "${VEXPERT_TUNE_BUDGET_S:-6}" --json "$OUT/tune_$preset.json"

@@ -259,12 +259,15 @@ def test_untunable_tensors_and_tuner_errors_fall_back_to_static(tmp_path, caplog
 
 
 def test_default_select_without_cuda_is_static_and_listed(monkeypatch, tmp_path):
+    monkeypatch.delenv("VEXPERT_AUTOTUNE_CACHE_DIR", raising=False)
     monkeypatch.setenv("VEXPERT_CACHE_DIR", str(tmp_path))
+    assert autotune.default_cache_dir() == str(tmp_path / "autotune")
+    monkeypatch.setenv("VEXPERT_AUTOTUNE_CACHE_DIR", str(tmp_path / "tuned"))
     with autotune.using(Tuner(device_available=lambda: False)) as t:
         ref = Ref()
         assert autotune.select("op", (3,), {"torch": lambda: REF, "triton": lambda: REF}, ref, static="triton",
                                dtype=torch.float32) == "triton"
-        assert ref.calls == 0 and t.cache_dir == str(tmp_path)
+        assert ref.calls == 0 and t.cache_dir == str(tmp_path / "tuned")
         assert autotune.decisions() == [dict(op="op", key=[3], chosen="triton", status="static",
                                              reason="no CUDA device")]
         autotune.clear_cache()

@@ -7,7 +7,7 @@ On CUDA it builds the layer's op shapes (QKV + RoPE, attention, o-projection wit
 projection with residual; each forward and backward, so dX and dW ops tune too) with random weights, calls the public
 ops with ``backend="auto"`` so every op runs :func:`vexpert_kernels.autotune.select` on its real tensors, and prints
 every decision: op, key, chosen candidate, each candidate's time and verdict. Decisions land in the on-disk cache
-(``VEXPERT_CACHE_DIR``) for later processes on this GPU/software. The per-key budget defaults to 30 s here (pre-tuning
+(``autotune.default_cache_dir()``) for later processes on this GPU/software. The per-key budget defaults to 30 s here (pre-tuning
 can afford every candidate; a runtime first call uses ``VEXPERT_AUTOTUNE_BUDGET_S``, default 2 s).
 
 ``--device cpu`` runs the same ops on CPU tensors (a smoke test of this tool; nothing tunes there). Without CUDA

@@ -27,7 +27,8 @@ Machinery (``tuner.py``, ``cache.py``, ``verify.py``):
   once with the reason), the survivors timed with CUDA events (median of 5 calls); the fastest correct one wins.
 - Time budget per key: ``VEXPERT_AUTOTUNE_BUDGET_S`` (default 2 s, compile time included); when it runs out the
   tuner stops (logged) and chooses among the candidates measured so far (the static path is always measured first).
-- Decisions: in memory, and on disk under ``VEXPERT_CACHE_DIR`` (default ``~/.cache/vexpert_kernels/autotune``), one
+- Decisions: in memory, and on disk under ``$VEXPERT_AUTOTUNE_CACHE_DIR``, else ``$VEXPERT_CACHE_DIR/autotune``, else
+  ``~/.cache/vexpert_kernels/autotune``, one
   JSON file per fingerprint, merge-on-write under a lock file + atomic ``os.replace`` (safe across processes); a
   corrupt file is ignored. Under ``torch.compile`` / CUDA graph capture a cached decision is reused, else static.
 - ``VEXPERT_AUTOTUNE=0``: no tuning and no cache: always the static choice (a reproducible, documented baseline).

@@ -1,6 +1,7 @@
 """On-disk decisions: one JSON file per machine fingerprint (GPU name, compute capability, torch, triton versions).
 
-Directory: ``$VEXPERT_CACHE_DIR`` if set, else ``~/.cache/vexpert_kernels/autotune``. A file is named after a short
+Directory: ``$VEXPERT_AUTOTUNE_CACHE_DIR`` if set, else ``$VEXPERT_CACHE_DIR/autotune`` (the package's cache root, shared
+with the CUDA extension build), else ``~/.cache/vexpert_kernels/autotune``. A file is named after a short
 hash of the fingerprint (plus a readable slug) and holds ``{"fingerprint": {...}, "decisions": {entry_key: record}}``.
 A version change gives another file, so stale decisions are never read; a file whose stored fingerprint does not match
 is ignored too.
@@ -32,10 +33,11 @@ PREFIX = "autotune-"
 
 
 def default_cache_dir() -> str:
-    d = os.environ.get("VEXPERT_CACHE_DIR")
+    d = os.environ.get("VEXPERT_AUTOTUNE_CACHE_DIR")
     if d:
         return os.path.abspath(os.path.expanduser(d))
-    return os.path.join(os.path.expanduser("~"), ".cache", "vexpert_kernels", "autotune")
+    root = os.environ.get("VEXPERT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "vexpert_kernels")
+    return os.path.join(os.path.abspath(os.path.expanduser(root)), "autotune")
 
 
 def _slug(fingerprint: dict) -> str:
