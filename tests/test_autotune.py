@@ -302,11 +302,15 @@ def test_tune_cli_dry_run_lists_shapes_and_static_choice(capsys, tmp_path):
         tune.main(["--tokens", "100", "--seq-len", "64"])
 
 
-def test_tune_cli_runs_the_layer_ops_without_cuda():
+def test_tune_cli_runs_the_layer_ops_without_cuda(tmp_path):
     # plain-PyTorch CPU path (no interpreter: fast); proves the op calls (fwd + bwd of every op) are well-formed
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="0")
+    out = tmp_path / "tune.json"
     r = subprocess.run([sys.executable, "-m", "vexpert_kernels.tune", "--preset", "tiny", "--tokens", "64",
-                        "--seq-len", "32", "--dtype", "fp32", "--device", "cpu"], capture_output=True, text=True,
+                        "--seq-len", "32", "--dtype", "fp32", "--device", "cpu", "--json", str(out)],
+                       capture_output=True, text=True,
                        env=env, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "autotune decisions" in r.stdout and "ERROR" not in r.stdout
+    rep = json.load(open(out))
+    assert rep["ops_done"] == ["qkv", "attention", "o", "gate_up", "down"] and rep["errors"] == {}

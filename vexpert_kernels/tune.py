@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from typing import Optional
@@ -47,8 +48,9 @@ def layer_shapes(cfg: VisualExpertConfig, batch: int, seq_len: int) -> list:
     ]
 
 
-def _run_layer_ops(cfg, batch, seq_len, image_tokens, dtype, device) -> list:
-    """Every public op of the layer with backend="auto", forward + backward. Returns [(op, error or None)]."""
+def _run_layer_ops(cfg, batch, seq_len, image_tokens, dtype, device, after_each=None) -> list:
+    """Every public op of the layer with backend="auto", forward + backward. Returns [(op, error or None)].
+    ``after_each(results_so_far)`` runs after every op (the CLI rewrites its JSON there: a timeout keeps results)."""
     from .bench.shapes import Case, token_type_ids
     from .ops import mixed_attention, routed_linear, routed_qkv_rope, routed_swiglu
     from .routing import RoutingPlan
@@ -64,17 +66,21 @@ def _run_layer_ops(cfg, batch, seq_len, image_tokens, dtype, device) -> list:
     def x(*shape):
         return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
 
+    res = []
+
     def step(name, fn):
         try:
             outs = fn()
             outs = outs if isinstance(outs, tuple) else (outs,)
             torch.autograd.backward(outs, [torch.randn_like(o) for o in outs])
             torch.cuda.synchronize() if device.type == "cuda" else None
-            return name, None
+            r = (name, None)
         except Exception as exc:  # report and go on: one op's failure must not hide the others' tables
-            return name, f"{type(exc).__name__}: {exc}"[:400]
+            r = (name, f"{type(exc).__name__}: {exc}"[:400])
+        if after_each is not None:
+            after_each(res + [r])
+        return r
 
-    res = []
     bias = x(cfg.qkv_size) if cfg.vision_qkv_bias else None
     res.append(step("qkv", lambda: routed_qkv_rope(x(T, D), w(cfg.qkv_size, D), w(cfg.qkv_size, D), plan,
                                                    num_heads=H, num_kv_heads=KV, rope_theta=cfg.rope_theta,
@@ -155,18 +161,25 @@ def main(argv: Optional[list] = None) -> int:
     tuner = autotune.get_tuner()
     tuner._budget_s, tuner.force = args.budget_s, args.force
     t0 = time.perf_counter()
-    errors = _run_layer_ops(cfg, B, L, n_img, dtype, torch.device(args.device if cuda else "cpu"))
-    rows = autotune.decisions()
+    report["fingerprint"] = autotune.tuner.default_fingerprint(None) if cuda else None
+
+    def save(results):
+        report.update(decisions=autotune.decisions(), errors={op: err for op, err in results if err},
+                      ops_done=[op for op, _ in results], seconds=round(time.perf_counter() - t0, 2))
+        if args.json:
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(report, f, indent=1, default=str)
+            os.replace(tmp, args.json)
+        print(f"  {results[-1][0]}: {'ok' if results[-1][1] is None else 'ERROR'} "
+              f"({time.perf_counter() - t0:.1f} s)", flush=True)
+
+    errors = _run_layer_ops(cfg, B, L, n_img, dtype, torch.device(args.device if cuda else "cpu"), after_each=save)
     print(f"\nautotune decisions ({time.perf_counter() - t0:.1f} s; cache: {tuner.cache_dir}):")
-    print(format_table(rows))
+    print(format_table(autotune.decisions()))
     for op, err in errors:
         if err:
             print(f"ERROR {op}: {err}")
-    report.update(decisions=rows, errors={op: err for op, err in errors if err},
-                  fingerprint=autotune.tuner.default_fingerprint(None) if cuda else None, seconds=round(time.perf_counter() - t0, 2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1, default=str)
     return 1 if any(err for _, err in errors) else 0
 
 
