@@ -227,6 +227,26 @@ def test_no_tuning_while_compiling_or_capturing(tmp_path, monkeypatch):
     assert fresh["triton"].calls == 0
 
 
+def test_torch_compile_fullgraph_uses_the_decision_as_a_constant(tmp_path):
+    c = Clock()
+    cands = {"torch": Cand(c, ms=2.0), "alt": Cand(c, ms=1.0)}
+    ref = Ref()
+
+    def f(x):
+        name = autotune.select("op", ("fp32", x.shape[0]), cands, ref, static="torch", dtype=x.dtype)
+        return x * (2.0 if name == "torch" else 3.0)
+
+    torch._dynamo.reset()
+    with autotune.using(make_tuner(tmp_path / "a", c)):  # nothing tuned yet: static, and nothing runs while tracing
+        assert float(torch.compile(f, fullgraph=True, backend="eager")(torch.ones(4))[0]) == 2.0
+        assert cands["alt"].calls == 0 and ref.calls == 0
+    torch._dynamo.reset()
+    with autotune.using(make_tuner(tmp_path / "b", c)):
+        f(torch.ones(5))  # an eager step tunes: "alt" wins
+        assert float(torch.compile(f, fullgraph=True, backend="eager")(torch.ones(5))[0]) == 3.0
+    torch._dynamo.reset()
+
+
 def test_autotune_off_means_static_always(tmp_path, monkeypatch):
     c = Clock()
     t = make_tuner(tmp_path, c)

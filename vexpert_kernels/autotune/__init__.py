@@ -81,12 +81,33 @@ def using(tuner: Tuner) -> Iterator[Tuner]:
         set_tuner(prev)
 
 
+def _assume_constant(fn):
+    try:
+        from torch._dynamo import assume_constant_result
+    except Exception:  # pragma: no cover - torch without dynamo
+        return fn
+    return assume_constant_result(fn)
+
+
+@_assume_constant
+def _choice_while_tracing(op: str, key: tuple, names: tuple, static: str) -> str:
+    # torch.compile: dynamo runs this eagerly at trace time and bakes the returned name into the graph as a constant
+    return get_tuner().choice_without_tuning(op, key, names, static)
+
+
 def select(op: str, key: tuple, candidates: Mapping[str, Callable[[], Any]], reference: Callable[[], Any], *,
            static: str, dtype: torch.dtype) -> str:
     """Name of the fastest candidate that agrees with ``reference()`` for (op, key) on this machine, else ``static``.
 
     See the module docstring for the contract. Raises ValueError when ``static`` is not one of ``candidates``.
+    Under ``torch.compile`` (also ``fullgraph=True``, for keys of constants) the choice is a trace-time constant: this
+    process's or the disk cache's decision, else ``static`` (tune first: one eager step, or
+    ``python -m vexpert_kernels.tune``). Nothing runs while tracing; the graph does not guard on the decision.
     """
+    if torch.compiler.is_compiling():
+        # the key must be constants (a symbolic size from dynamic shapes cannot be looked up: dynamo then breaks the
+        # graph here and select() runs eagerly; fullgraph=True needs static shapes or a static-only key)
+        return _choice_while_tracing(op, tuple(key), tuple(candidates), static)
     return get_tuner().select(op, key, candidates, reference, static=static, dtype=dtype)
 
 

@@ -217,6 +217,25 @@ class Tuner:
                 self._log_once(logging.WARNING, "autotune: could not write the cache in %s (%s)", self.cache_dir, exc)
         return rec["chosen"]
 
+    def choice_without_tuning(self, op: str, key: tuple, names, static: str) -> str:
+        """What select() returns where it must not run anything (torch.compile tracing): memory, disk, else static."""
+        if static not in names:
+            raise ValueError(f"static choice {static!r} is not one of the candidates {sorted(names)}")
+        if not tuning_enabled():
+            return static
+        ek = entry_key(op, key)
+        rec = self.memory.get(ek)
+        if rec is not None and rec["chosen"] in names:
+            return rec["chosen"]
+        if ek in self._no_tune or not self.device_available():
+            return static
+        rec = self._disk_lookup(ek, self.fingerprint(None), names)
+        if rec is not None:
+            self.memory[ek] = dict(rec, status="cached", fingerprint=self.fingerprint(None))
+        self._log_once(logging.INFO, "autotune %s %s: no tuning while tracing (%s)", op, key,
+                       "cached decision" if rec else f"static {static!r}")
+        return rec["chosen"] if rec is not None else static
+
     def _disk_lookup(self, ek, fp, candidates) -> Optional[dict]:
         try:
             rec = DiskCache(self.cache_dir, fp).get(ek)
