@@ -4,6 +4,11 @@
   flushes L2 between repetitions). Inputs are rotated among copies when they would fit in L2 (see ``rotating``).
 * CPU: warm-up calls, then a ``time.perf_counter`` loop; median of the repetitions. These are real measurements of
   the tiny CPU cases, useful only to prove the suite runs, never as performance claims.
+* pytest-benchmark (``benchmarks/conftest.py``): on CUDA its numbers are device time too. :class:`DeviceClock` is
+  installed as the fixture's timer and each round runs one call between two CUDA events (L2 flushed before it, as
+  do_bench does) and advances the clock by exactly that GPU time; so pytest-benchmark's min/median/mean are
+  statistics of the per-call GPU time, comparable to the do_bench median of the record. On CPU it keeps its host
+  clock (synchronous work, nothing to synchronise).
 * Peak extra memory (CUDA only): ``max_memory_allocated`` during one call minus the memory allocated before it.
 """
 from __future__ import annotations
@@ -44,6 +49,44 @@ def median_ms(fn: Callable[[], object], device, *, warmup_ms: float = 25, rep_ms
         call()
         times.append((time.perf_counter() - t0) * 1e3)
     return float(statistics.median(times))
+
+
+class DeviceClock:
+    """A timer for pytest-benchmark whose time advances only by the GPU time of the calls made through :meth:`wrap`.
+
+    pytest-benchmark measures a round as ``timer()`` after minus ``timer()`` before; this clock makes that difference
+    the CUDA-event time of the one call inside the round (seconds), independent of host overhead and queueing.
+    """
+
+    __name__ = "cuda_event_device_time"
+
+    def __init__(self, device, flush_l2: bool = True):
+        self.device = torch.device(device)
+        self.now = 0.0
+        self.last_ms: Optional[float] = None
+        self._flush = None
+        if flush_l2 and self.device.type == "cuda":
+            self._flush = torch.empty(max(l2_bytes(self.device), 2 ** 20) * 2 // 4, dtype=torch.int32,
+                                      device=self.device)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def wrap(self, fn: Callable[[], object], grad_to_none: Optional[Sequence[torch.Tensor]] = None):
+        """``fn`` as a benchmark target: one CUDA-event-timed call per invocation, added to the clock."""
+        def timed():
+            for t in grad_to_none or ():
+                t.grad = None
+            if self._flush is not None:
+                self._flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            self.last_ms = start.elapsed_time(end)
+            self.now += self.last_ms / 1e3
+        return timed
 
 
 def peak_extra_mib(fn: Callable[[], object], device) -> Optional[float]:
