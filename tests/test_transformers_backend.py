@@ -105,12 +105,44 @@ def test_greedy_generate_identical_with_cache(family, impl_math):
     assert (la - lb).abs().max() < TOL
 
 
+def test_static_cache_and_custom_4d_mask(impl_math):
+    """StaticCache (keys longer than the sequence so far) and a caller's own 4-D mask: served exactly via the mask."""
+    ref, ours = _pair("llama", impl_math)
+    ids, am = _left_padded()
+    kw = dict(attention_mask=am, max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
+    assert torch.equal(ref.generate(ids, **kw), ours.generate(ids, **kw))
+    m4 = torch.ones(3, 1, 9, 9, dtype=torch.bool).tril() & am.bool()[:, None, None, :]
+    m4[2, 0, 5, 2] = False  # not expressible as causal + padding
+    with torch.no_grad():
+        la, lb = ref(ids, attention_mask=m4).logits, ours(ids, attention_mask=m4).logits
+    assert (la - lb)[am.bool()].abs().max() < TOL
+
+
 def test_sliding_window_served_exactly(impl_math):
     ref, ours = _pair("mistral", impl_math, sliding_window=4)
+    _, full = _pair("mistral", impl_math, sliding_window=None)
+    full.load_state_dict(ours.state_dict())
     ids, am = _left_padded()
+    keep = am.bool()
     with torch.no_grad():
         la, lb = ref(ids, attention_mask=am).logits, ours(ids, attention_mask=am).logits
-    assert (la - lb)[am.bool()].abs().max() < TOL
+        lfull = full(ids, attention_mask=am).logits
+    assert (la - lb)[keep].abs().max() < TOL
+    assert (lfull - lb)[keep].abs().max() > 1e-3  # the window (4 < 9 tokens) really cut something
+
+
+def test_bf16_within_twice_sdpa_error(impl_math):
+    """bf16: our error vs the fp32 model is at most 2x sdpa's own bf16 error (+ a floor for tiny errors)."""
+    ref, ours = _pair("llama", impl_math)
+    ids, am = _left_padded()
+    keep = am.bool()
+    with torch.no_grad():
+        gold = ref(ids, attention_mask=am).logits[keep]
+        ref.to(torch.bfloat16)
+        ours.to(torch.bfloat16)
+        e_sdpa = (ref(ids, attention_mask=am).logits[keep].float() - gold).abs().max()
+        e_ours = (ours(ids, attention_mask=am).logits[keep].float() - gold).abs().max()
+    assert e_ours <= 2 * e_sdpa + 1e-2, (e_ours, e_sdpa)
 
 
 def _spy_varlen(monkeypatch):

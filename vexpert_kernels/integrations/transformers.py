@@ -138,16 +138,22 @@ def _segment_causal(cu: torch.Tensor, B: int, L: int, device) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ attention function
-def _backend_for(preferred: str, q, k, v, **kw) -> str:
-    if preferred == "auto":
-        return "auto"
-    from vexpert_kernels.ops import attention_backend_reason
+@functools.lru_cache(maxsize=64)
+def _warn_once(msg: str) -> None:
+    log.warning(msg)
 
-    why = attention_backend_reason(preferred, q, k, v, **kw)
-    if why is None:
-        return preferred
-    log.warning("vexpert attention: backend %r cannot serve this call (%s); using backend='auto'", preferred, why)
-    return "auto"
+
+def _call(fn, backend: str, *args, **kw):
+    """``fn(*args, backend=backend, **kw)``; a backend that cannot serve the call (it raises before any kernel runs)
+    is replaced by "auto", which picks one that can (e.g. triton's head-dim limit -> sdpa/flex/math)."""
+    if backend != "auto":
+        try:
+            return fn(*args, backend=backend, **kw)
+        except ValueError as exc:
+            if "cannot serve" not in str(exc):
+                raise
+            _warn_once(f"vexpert attention: {exc}; using backend='auto' for such calls")
+    return fn(*args, backend="auto", **kw)
 
 
 def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, *,
@@ -160,6 +166,8 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
     Lk = key.shape[2]
     mask = attention_mask
     four_d = isinstance(mask, torch.Tensor) and mask.dim() == 4
+    if four_d:
+        mask = mask[..., :Lk]  # a static cache's mask can be longer than the keys handed over (as sdpa does)
     if isinstance(mask, torch.Tensor) and not four_d and (mask.dim() != 2 or tuple(mask.shape) != (B, Lk)):
         raise ValueError(f"vexpert attention: attention_mask must be None, bool [B={B}, Lk={Lk}] or 4-D "
                          f"[B, 1|H, Lq, Lk], got shape {tuple(mask.shape)}")
@@ -200,17 +208,8 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
         q = query.transpose(1, 2).reshape(B * Lq, H, hd)                        # [T, H, hd]
         k = key.transpose(1, 2).reshape(B * Lk, key.shape[1], hd)               # [T, KV, hd]
         v = value.transpose(1, 2).reshape(B * Lk, value.shape[1], value.shape[-1])
-        name = backend
-        if name != "auto":
-            try:
-                out = mixed_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scaling, backend=name)
-                return out.view(B, Lq, H, -1), None
-            except ValueError as exc:
-                if "cannot serve" not in str(exc):
-                    raise
-                log.warning("vexpert attention: backend %r cannot serve packed rows (%s); using 'auto'", name, exc)
-        out = mixed_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scaling, backend="auto")
-        return out.view(B, Lq, H, -1), None
+        out = _call(mixed_attention_varlen, backend, q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scaling)
+        return out.reshape(B, Lq, H, -1), None                                  # [B, Lq, H, hd]
 
     if four_d:  # the exact mask: try the cheap forms first, else an additive bias (sdpa / math)
         compact = compress_mask(mask) if mask.dtype == torch.bool else mask
@@ -222,12 +221,9 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
             bias.masked_fill_(~mask, torch.finfo(query.dtype).min)  # finite: fully masked rows stay finite
         else:
             bias = mask.to(query.dtype)
-        bias = bias[..., :Lk]
-        name = _backend_for(backend, query, key, value, attn_bias=bias, softmax_scale=scaling)
-        out = mixed_attention(query, key, value, attn_bias=bias, softmax_scale=scaling, backend=name)
+        out = _call(mixed_attention, backend, query, key, value, attn_bias=bias, softmax_scale=scaling)
     else:
-        name = _backend_for(backend, query, key, value, key_padding_mask=mask, softmax_scale=scaling)
-        out = mixed_attention(query, key, value, key_padding_mask=mask, softmax_scale=scaling, backend=name)
+        out = _call(mixed_attention, backend, query, key, value, key_padding_mask=mask, softmax_scale=scaling)
     return out.transpose(1, 2).contiguous(), None                              # [B, Lq, H, hd]
 
 
