@@ -222,6 +222,25 @@ def test_unsupported_requests_are_refused_by_name(kwargs, needle):
         fn(_Mod(), q, k, v, None, scaling=0.25, **kwargs)
 
 
+def test_packed_kwargs_checked_against_the_mask():
+    """cu_seq_lens_* that contradict transformers' mask raise; matching ones take the varlen path = per sequence."""
+    fn = attention_function("math")
+    q, k, v = _qkv(L=6)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    seg = torch.tensor([0, 0, 1, 1, 1, 1])
+    keep = (seg[:, None] == seg[None, :]) & torch.ones(6, 6, dtype=torch.bool).tril()
+    kw = dict(scaling=0.25, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=4, max_length_k=4)
+    out, _ = fn(_Mod(), q, k, v, keep[None, None], **kw)
+    for a, b in ((0, 2), (2, 6)):
+        alone, _ = fn(_Mod(), q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None, scaling=0.25)
+        assert (out[:, a:b] - alone).abs().max() < 1e-6
+    wrong = torch.tensor([0, 3, 6], dtype=torch.int32)
+    with pytest.raises(ValueError, match="disagree"):
+        fn(_Mod(), q, k, v, keep[None, None], **dict(kw, cu_seq_lens_q=wrong, cu_seq_lens_k=wrong))
+    with pytest.raises(ValueError, match="non-causal"):
+        fn(_Mod(), q, k, v, None, scaling=0.25, is_causal=False)
+
+
 def test_attention_dropout_in_training_refused(impl_math):
     _, model = _pair("llama", impl_math, attention_dropout=0.1)
     model.train()

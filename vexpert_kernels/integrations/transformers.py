@@ -137,6 +137,11 @@ def _segment_causal(cu: torch.Tensor, B: int, L: int, device) -> torch.Tensor:
     return (seg[:, :, None] == seg[:, None, :]) & _bottom_right_causal(L, L, device)[None]
 
 
+def _mask_is(mask: torch.Tensor, keep: torch.Tensor) -> bool:
+    """bool 4-D ``mask`` [B|1, 1|H, Lq, Lk] equals ``keep`` [B, Lq, Lk] for every head."""
+    return mask.shape[-2:] == keep.shape[-2:] and bool((mask == keep[:, None]).all())
+
+
 # ------------------------------------------------------------------------------------------------ attention function
 @functools.lru_cache(maxsize=64)
 def _warn_once(msg: str) -> None:
@@ -189,7 +194,7 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
         max_q = _int(kwargs["max_length_q"]) if kwargs.get("max_length_q") is not None else _int(cu_q.diff().max())
         max_k = _int(kwargs["max_length_k"]) if kwargs.get("max_length_k") is not None else _int(cu_k.diff().max())
         if four_d and mask.dtype == torch.bool and Lq == Lk and torch.equal(cu_q, cu_k):
-            if not torch.equal(mask[:, 0].expand(B, Lq, Lk), _segment_causal(cu_q, B, Lq, query.device)):
+            if not _mask_is(mask, _segment_causal(cu_q, B, Lq, query.device)):
                 raise ValueError("vexpert attention: cu_seq_lens_q/k disagree with the attention mask transformers "
                                  "built (from attention_mask / position_ids)")
         packed = (cu_q, cu_k, max_q, max_k)
@@ -198,8 +203,7 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
         pid = kwargs.get("position_ids")
         if pid is not None and Lq == Lk and Lq > 1 and (mask is None or (four_d and mask.dtype == torch.bool)):
             cu = _cu_from_position_ids(pid, B, Lq)
-            if cu is not None and (mask is None or torch.equal(mask[:, 0].expand(B, Lq, Lk),
-                                                                _segment_causal(cu, B, Lq, query.device))):
+            if cu is not None and (mask is None or _mask_is(mask, _segment_causal(cu, B, Lq, query.device))):
                 m = _int(cu.diff().max())
                 packed = (cu, cu, m, m)
 
