@@ -151,6 +151,8 @@ def test_fast_path_reachable(monkeypatch):
         patched(**kw)
     assert cache.builds == before + 1
     assert calls == [(True, True)] * model.config.num_hidden_layers
+    plan = cache._value[0]
+    assert len(plan._rope_tables) == 1  # one cos/sin table for all layers (identical inv_freq buffers)
 
 
 def test_report_says_what_and_why():

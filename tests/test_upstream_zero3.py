@@ -4,7 +4,6 @@ gives the unpatched model's loss and gradients when parameters exist only inside
 import copy
 
 import pytest
-import torch
 
 from upstream.models import make_batch, make_model
 from upstream.zero3 import Zero3Double

@@ -165,6 +165,19 @@ class VisualExpertBlock(nn.Module):
         self.hf_decoder_mask = False    # a 4-D attention_mask is the HF decoder's causal + key-padding mask
         self.rope_positions = "module"  # "fp32": exact positions even if the rotary module would round them
         self._theta_inv_freq = None
+        object.__setattr__(self, "_rope_module", None)  # see share_rope_with (plain attribute, not a submodule)
+
+    def share_rope_with(self, rotary_emb: Optional[nn.Module]) -> None:
+        """Read RoPE from ``rotary_emb`` instead of this layer's own ``self_attn.rotary_emb`` — for layers whose
+        rotary modules hold identical ``inv_freq`` buffers (every HF checkpoint), so that ``RoutingPlan.rope_table``
+        (cached per ``inv_freq`` tensor) builds ONE table per forward for all layers. ``patch_cogvlm`` checks the
+        buffers are equal before sharing. Not registered as a submodule (state dict unchanged)."""
+        object.__setattr__(self, "_rope_module", rotary_emb)
+
+    def _rotary(self):
+        if self._rope_module is not None:
+            return self._rope_module
+        return getattr(self.self_attn, "rotary_emb", None)
 
     @classmethod
     def from_hf_layer(cls, layer: nn.Module, config: VisualExpertConfig, **kwargs) -> "VisualExpertBlock":
@@ -262,8 +275,8 @@ class VisualExpertBlock(nn.Module):
 
     def _rope_cos_sin(self, plan: RoutingPlan, position_ids=None):
         """fp32 (cos, sin) [T, hd/2] in routed order from the rotary module's own state (cached on the plan)."""
-        src = rope_inputs(self.self_attn.rotary_emb, self.rope_positions) \
-            if hasattr(self.self_attn, "rotary_emb") else None
+        rot = self._rotary()
+        src = rope_inputs(rot, self.rope_positions) if rot is not None else None
         if src is None:  # no inv_freq to read: the config's theta
             from .ops.routed_linear import _rope_inv_freq
             cfg = self.config
@@ -277,8 +290,8 @@ class VisualExpertBlock(nn.Module):
     @property
     def rope_source(self) -> str:
         """Where this layer's RoPE comes from (for reports)."""
-        src = rope_inputs(self.self_attn.rotary_emb, self.rope_positions) \
-            if hasattr(self.self_attn, "rotary_emb") else None
+        rot = self._rotary()
+        src = rope_inputs(rot, self.rope_positions) if rot is not None else None
         return src[2] if src is not None else f"config.rope_theta={self.config.rope_theta} (no inv_freq buffer)"
 
     # ------------------------------------------------------------------ routed-order forward (used by the stack)

@@ -98,6 +98,21 @@ def config_from_hf_layer(layer: nn.Module, **overrides) -> VisualExpertConfig:
     return VisualExpertConfig(**base)
 
 
+def _shared_rotary(layers):
+    """The first layer's rotary module if every layer's ``inv_freq`` buffer is identical (dtype and values; checked
+    once here, on the host), else None."""
+    rots = [getattr(layer.self_attn, "rotary_emb", None) for layer in layers]
+    invs = [getattr(r, "inv_freq", None) for r in rots]
+    if not all(isinstance(t, torch.Tensor) for t in invs):
+        return None
+    same = all(type(r) is type(rots[0]) and t.dtype == invs[0].dtype and t.shape == invs[0].shape
+               and t.device == invs[0].device and torch.equal(t, invs[0])
+               and getattr(r, "position_dtype", None) == getattr(rots[0], "position_dtype", None)
+               and getattr(r, "pos_idx_in_fp32", None) == getattr(rots[0], "pos_idx_in_fp32", None)
+               for r, t in zip(rots, invs))
+    return rots[0] if same else None
+
+
 def _ordered_like(fused: nn.Module, layer: nn.Module):
     """Register the fused layer's submodules in the HF layer's order, so state-dict keys come out in the same order."""
     order = [n for n in layer._modules if n in fused._modules] + [n for n in fused._modules if n not in layer._modules]
@@ -135,6 +150,7 @@ def patch_cogvlm(model: nn.Module, config: Optional[VisualExpertConfig] = None, 
                          "model")
     report = PatchReport()
     cache = PlanCache()  # one RoutingPlan per model forward, shared by all patched layers
+    shared_rope = _shared_rotary([layer for _, layer in targets])
     for name, layer in targets:
         cfg = config or config_from_hf_layer(layer)
         report.config = report.config or cfg
@@ -146,6 +162,8 @@ def patch_cogvlm(model: nn.Module, config: Optional[VisualExpertConfig] = None, 
         fused.hf_decoder_mask = True
         fused.rope_positions = rope_positions
         fused._z3_leaf = True  # DeepSpeed ZeRO-3: gather the whole layer in its own forward/backward
+        if shared_rope is not None:
+            fused.share_rope_with(shared_rope)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, fused)
@@ -153,7 +171,9 @@ def patch_cogvlm(model: nn.Module, config: Optional[VisualExpertConfig] = None, 
         report.kinds[type(layer).__name__] = cls.__name__
         report.backend = fused.backend
         if report.rope_source is None:
-            report.rope_source = fused.rope_source
+            report.rope_source = fused.rope_source + (
+                f"; identical in all {len(targets)} layers: one cos/sin table per forward" if shared_rope is not None
+                else "; differs between layers: one table per layer per forward")
         if cross:
             report.left_alone.append((f"{name}.cross_attn", f"{type(layer.cross_attn).__name__}: called as is "
                                       "between the fused self-attention and MLP (sequence order)"))
