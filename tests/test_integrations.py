@@ -168,7 +168,7 @@ def test_rope_table_cached_and_exact():
 def test_keep_mask_from_hf_4d_mask(past):
     """The HF decoders' 4-D additive mask (causal + key padding, finfo.min or -inf) gives back the key padding."""
     from upstream.common import decoder_attention_mask
-    from vexpert_kernels.block import keep_mask_from_additive
+    from vexpert_kernels.layer_context import keep_mask_from_additive
     L = 4
     keep = torch.ones(3, past + L, dtype=torch.bool)
     keep[0, :2] = False           # left padding

@@ -133,7 +133,8 @@ def patch_cogvlm(model: nn.Module, config: Optional[VisualExpertConfig] = None, 
     Returns a :class:`PatchReport`: layers patched, modules left alone and why, the RoPE source.
     Raises ValueError if the model has no such layer or is itself one.
     """
-    from ...block import PlanCache, VisualExpertBlock
+    from ...block import VisualExpertBlock
+    from ...layer_context import PlanCache
     from .cogagent import CogAgentExpertBlock
 
     if not isinstance(model, nn.Module):
