@@ -197,10 +197,11 @@ class VisualExpertBlock(nn.Module):
         rot = self._rotary()
         src = rope_inputs(rot, self.rope_positions) if rot is not None else None
         if src is None:  # no inv_freq to read: the config's theta
-            from .ops.routed_linear import _rope_inv_freq
-            cfg = self.config
+            cfg, hd = self.config, self.config.head_dim
             if self._theta_inv_freq is None or self._theta_inv_freq.device != plan.device:
-                self._theta_inv_freq = _rope_inv_freq(cfg.head_dim, float(cfg.rope_theta), plan.device)
+                # same formula (and fp32 rounding) as ops.routed_qkv_rope(rope_theta=...)
+                exps = torch.arange(0, hd, 2, device=plan.device, dtype=torch.int64).float() / hd
+                self._theta_inv_freq = 1.0 / (float(cfg.rope_theta) ** exps)
             inv, pdt = self._theta_inv_freq, cfg.rope_position_dtype
         else:
             inv, pdt, _ = src
