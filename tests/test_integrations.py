@@ -142,3 +142,39 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     out = compiled(x, tt, plan=plan)[0]
     assert rel_err(out, eager) < 1e-6
+
+
+def test_rope_table_cached_and_exact():
+    """RoutingPlan.rope_table: fp32 (cos, sin) [T, hd/2] in routed order, positions rounded through position_dtype,
+    built once per (inv_freq, position_dtype, position_ids) and rebuilt after an in-place change."""
+    from vexpert_kernels import RoutingPlan
+    tt = torch.tensor([[0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0]])
+    plan = RoutingPlan.build(tt)
+    inv = 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))
+    pos = torch.arange(6).expand(2, -1) * 101 + 250
+    cos, sin = plan.rope_table(inv, torch.bfloat16, pos)
+    assert cos.shape == (12, 4) and cos.dtype == torch.float32
+    ang = pos.to(torch.bfloat16).float().reshape(-1)[plan.perm][:, None] * inv
+    assert torch.equal(cos, ang.cos()) and torch.equal(sin, ang.sin())
+    assert plan.rope_table(inv, torch.bfloat16, pos)[0] is cos                 # cached
+    assert plan.rope_table(inv, None, pos)[0] is not cos                       # other position dtype
+    inv.mul_(1.0)
+    assert plan.rope_table(inv, torch.bfloat16, pos)[0] is not cos             # in-place change -> rebuilt
+    default = plan.rope_table(inv)[0]
+    assert torch.equal(default, (plan.routed_position_ids.float()[:, None] * inv).cos())
+
+
+@pytest.mark.parametrize("past", [0, 3])
+def test_keep_mask_from_hf_4d_mask(past):
+    """The HF decoders' 4-D additive mask (causal + key padding, finfo.min or -inf) gives back the key padding."""
+    from upstream.common import decoder_attention_mask
+    from vexpert_kernels.layer_context import keep_mask_from_additive
+    L = 4
+    keep = torch.ones(3, past + L, dtype=torch.bool)
+    keep[0, :2] = False           # left padding
+    keep[1, -1] = False           # right padding
+    for dtype in (torch.float32, torch.bfloat16):
+        mask = decoder_attention_mask(keep.long(), 3, L, dtype, "cpu", past)
+        assert torch.equal(keep_mask_from_additive(mask, 3), keep)
+    no_pad = decoder_attention_mask(None, 1, L, torch.float32, "cpu", past)
+    assert torch.equal(keep_mask_from_additive(no_pad, 2), torch.ones(2, past + L, dtype=torch.bool))

@@ -11,6 +11,10 @@ Data flow of one layer (hidden states in routed order ``[T, D]``, see RoutingPla
 Parameters live in the same submodules as HF (``self_attn.vision_expert_query_key_value`` ...), so state dicts are
 HF-compatible both ways and ``patch_cogvlm`` can share an HF layer's modules without copying. Projections that are not
 plain ``nn.Linear`` (e.g. PEFT/LoRA wrappers) are called as modules on the two contiguous expert slices instead.
+
+RoPE: the cos/sin table comes from the layer's rotary module's own ``inv_freq`` (``RoutingPlan.rope_table``, built
+once per plan). Layers called one by one by an HF decoder share one plan per model forward through a ``PlanCache``
+(see ``layer_context.py`` and ``integrations.hf``).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from ._triton_compat import triton_usable_for
 from .config import VisualExpertConfig
 from .reference import (RMSNorm, VisionExpertAttention, VisionExpertMLP, _check_forward_args, apply_rotary,
                         default_position_ids)
+from .layer_context import PlanCache, keep_mask_from_additive, rope_inputs  # noqa: F401  (re-exported)
 from .routing import RoutingPlan
 
 
@@ -74,6 +79,24 @@ class VisualExpertBlock(nn.Module):
         self.post_attention_layernorm = _get(m, "post_attention_layernorm",
                                              lambda: RMSNorm(config.hidden_size, eps=config.rms_norm_eps))
         self._last_backend = None
+        # set by patch_cogvlm on layers of an HF model (see integrations.hf):
+        self.plan_cache: Optional[PlanCache] = None   # shared by the model's layers: one plan per model forward
+        self.hf_decoder_mask = False    # a 4-D attention_mask is the HF decoder's causal + key-padding mask
+        self.rope_positions = "module"  # "fp32": exact positions even if the rotary module would round them
+        self._theta_inv_freq = None
+        object.__setattr__(self, "_rope_module", None)  # see share_rope_with (plain attribute, not a submodule)
+
+    def share_rope_with(self, rotary_emb: Optional[nn.Module]) -> None:
+        """Read RoPE from ``rotary_emb`` instead of this layer's own ``self_attn.rotary_emb`` — for layers whose
+        rotary modules hold identical ``inv_freq`` buffers (every HF checkpoint), so that ``RoutingPlan.rope_table``
+        (cached per ``inv_freq`` tensor) builds ONE table per forward for all layers. ``patch_cogvlm`` checks the
+        buffers are equal before sharing. Not registered as a submodule (state dict unchanged)."""
+        object.__setattr__(self, "_rope_module", rotary_emb)
+
+    def _rotary(self):
+        if self._rope_module is not None:
+            return self._rope_module
+        return getattr(self.self_attn, "rotary_emb", None)
 
     @classmethod
     def from_hf_layer(cls, layer: nn.Module, config: VisualExpertConfig, **kwargs) -> "VisualExpertBlock":
@@ -128,15 +151,15 @@ class VisualExpertBlock(nn.Module):
         elif position_ids is None:
             # (a packed plan keeps position_ids None: its routed_position_ids restart at every sequence)
             position_ids = default_position_ids(token_type_ids, attention_mask, past_key_value)
-        if L == 1 and plan is None:
+        own_plan = plan is None
+        if own_plan:
+            plan, attention_mask = self._plan_for(token_type_ids, attention_mask)
+        if L == 1 and own_plan:
             # decode: the last token of a row always uses the language expert -> dense path, no routing work
             out, present = self._forward_language_only(hidden_states, position_ids, attention_mask, past_key_value,
-                                                       use_cache)
+                                                       use_cache, plan)
         else:
-            if plan is None:
-                keep = attention_mask[:, -L:] if attention_mask is not None and attention_mask.dim() == 2 else None
-                plan = RoutingPlan.build(token_type_ids, keep)
-            elif tuple(plan.token_type_ids.shape) != (B, L):
+            if tuple(plan.token_type_ids.shape) != (B, L):
                 raise ValueError(f"plan was built for [B, L] = {tuple(plan.token_type_ids.shape)}, "
                                  f"hidden_states has {(B, L)}")
             x = plan.permute(hidden_states)
@@ -150,24 +173,75 @@ class VisualExpertBlock(nn.Module):
             outputs += (present,)
         return outputs
 
+    # ------------------------------------------------------------------ one plan per model forward, RoPE source
+    def _plan_for(self, token_type_ids, attention_mask):
+        """(plan, attention_mask) for a call without ``plan=``. With a ``plan_cache`` (patched HF models) the plan
+        is built once per model forward and shared by all layers. On such layers (``hf_decoder_mask``) the decoder's
+        4-D additive mask is read as causal + key padding and handed on as a 2-D keep mask, so attention gets a
+        key-padding mask (fast backends) instead of a dense float bias."""
+        L = token_type_ids.shape[1]
+
+        def build():
+            mask = attention_mask
+            if mask is not None and mask.dim() == 4 and self.hf_decoder_mask:
+                mask = keep_mask_from_additive(mask, token_type_ids.shape[0])
+            keep = mask[:, -L:] if mask is not None and mask.dim() == 2 else None
+            return RoutingPlan.build(token_type_ids, keep), mask
+
+        if self.plan_cache is None:
+            return build()
+        return self.plan_cache.get(token_type_ids, attention_mask, build)
+
+    def _rope_cos_sin(self, plan: RoutingPlan, position_ids=None):
+        """fp32 (cos, sin) [T, hd/2] in routed order from the rotary module's own state (cached on the plan)."""
+        rot = self._rotary()
+        src = rope_inputs(rot, self.rope_positions) if rot is not None else None
+        if src is None:  # no inv_freq to read: the config's theta
+            cfg, hd = self.config, self.config.head_dim
+            if self._theta_inv_freq is None or self._theta_inv_freq.device != plan.device:
+                # same formula (and fp32 rounding) as ops.routed_qkv_rope(rope_theta=...)
+                exps = torch.arange(0, hd, 2, device=plan.device, dtype=torch.int64).float() / hd
+                self._theta_inv_freq = 1.0 / (float(cfg.rope_theta) ** exps)
+            inv, pdt = self._theta_inv_freq, cfg.rope_position_dtype
+        else:
+            inv, pdt, _ = src
+        return plan.rope_table(inv, pdt, position_ids)
+
+    @property
+    def rope_source(self) -> str:
+        """Where this layer's RoPE comes from (for reports)."""
+        rot = self._rotary()
+        src = rope_inputs(rot, self.rope_positions) if rot is not None else None
+        return src[2] if src is not None else f"config.rope_theta={self.config.rope_theta} (no inv_freq buffer)"
+
     # ------------------------------------------------------------------ routed-order forward (used by the stack)
     def forward_routed(self, x: torch.Tensor, plan: RoutingPlan, *, position_ids=None, attention_mask=None,
                        past_key_value=None, use_cache=False):
         """x [T, D] in the plan's routed order -> (x' [T, D] routed, present_key_value or None)."""
-        from .ops import mixed_attention, mixed_attention_varlen, rmsnorm, routed_linear, routed_swiglu
+        x, present = self._attention_routed(x, plan, position_ids=position_ids, attention_mask=attention_mask,
+                                            past_key_value=past_key_value, use_cache=use_cache)
+        return self._mlp_routed(x, plan), present
 
-        cfg, attn, mlp = self.config, self.self_attn, self.mlp
+    def _backends(self, x):
         backend = self._resolve_backend(x)
         self._last_backend = backend
         gemm_backend = "triton" if backend == "triton" else "torch"
         # on CUDA let rmsnorm pick (csrc kernel > Triton > torch); on CPU run the Triton kernel through the interpreter
         norm_backend = "auto" if x.is_cuda else ("triton" if backend == "triton" else "torch")
+        return backend, gemm_backend, norm_backend
+
+    def _attention_routed(self, x, plan, *, position_ids=None, attention_mask=None, past_key_value=None,
+                          use_cache=False):
+        """x + attention(input_layernorm(x)), routed order in and out."""
+        from .ops import mixed_attention, mixed_attention_varlen, rmsnorm, routed_linear
+
+        cfg, attn = self.config, self.self_attn
+        backend, gemm_backend, norm_backend = self._backends(x)
         B, L = plan.batch_size, plan.seq_len
-        H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        H, hd = cfg.num_attention_heads, cfg.head_dim
 
         h = rmsnorm(x, self.input_layernorm.weight, cfg.rms_norm_eps, backend=norm_backend)
-        positions = plan.routed_position_ids if position_ids is None else position_ids.reshape(-1)[plan.perm]
-        q, k, v = self._qkv(h, plan, positions, gemm_backend)
+        q, k, v = self._qkv(h, plan, position_ids, gemm_backend)
         if past_key_value is not None:
             k = torch.cat([past_key_value[0], k], dim=2)
             v = torch.cat([past_key_value[1], v], dim=2)
@@ -195,7 +269,14 @@ class VisualExpertBlock(nn.Module):
             x = routed_linear(o, dv.weight, dl.weight, plan, residual=x, backend=gemm_backend)
         else:
             x = _routed_modules(o, dv, dl, plan, residual=x)
+        return x, present
 
+    def _mlp_routed(self, x, plan):
+        """x + mlp(post_attention_layernorm(x)), routed order in and out."""
+        from .ops import rmsnorm, routed_linear, routed_swiglu
+
+        cfg, mlp = self.config, self.mlp
+        _, gemm_backend, norm_backend = self._backends(x)
         h = rmsnorm(x, self.post_attention_layernorm.weight, cfg.rms_norm_eps, backend=norm_backend)
         mv, ml = mlp.vision_mlp, mlp.language_mlp
         projs = [mv.gate_proj, mv.up_proj, mv.down_proj, ml.gate_proj, ml.up_proj, ml.down_proj]
@@ -205,24 +286,24 @@ class VisualExpertBlock(nn.Module):
             x = routed_linear(a, mv.down_proj.weight, ml.down_proj.weight, plan, residual=x, backend=gemm_backend)
         else:
             x = _routed_modules(h, mv, ml, plan, residual=x)
-        return x, present
+        return x
 
-    def _qkv(self, h, plan, positions, gemm_backend):
+    def _qkv(self, h, plan, position_ids, gemm_backend):
+        """Routed QKV + RoPE -> q [B, H, L, hd], k, v [B, KV, L, hd] (sequence order). position_ids [B, L] or None."""
         from .ops import routed_qkv_rope
 
         cfg, attn = self.config, self.self_attn
         qv, ql = attn.vision_expert_query_key_value, attn.language_expert_query_key_value
+        cos_sin = self._rope_cos_sin(plan, position_ids)
         if _plain_linear(qv) and _plain_linear(ql):
             return routed_qkv_rope(h, qv.weight, ql.weight, plan, num_heads=cfg.num_attention_heads,
-                                   num_kv_heads=cfg.num_key_value_heads, rope_theta=cfg.rope_theta,
-                                   bias_vision=qv.bias, bias_language=ql.bias, positions=positions,
-                                   position_dtype=cfg.rope_position_dtype, backend=gemm_backend)
-        qkv = plan.unpermute(_routed_modules(h, qv, ql, plan))
-        pos = positions.new_empty(plan.num_tokens)
-        pos[plan.perm] = positions
-        return self._split_rope(qkv, pos.view(plan.batch_size, plan.seq_len))
+                                   num_kv_heads=cfg.num_key_value_heads, rope_cos_sin=cos_sin,
+                                   bias_vision=qv.bias, bias_language=ql.bias, backend=gemm_backend)
+        # wrapped projections (PEFT/LoRA ...): call the modules, then the same RoPE table in sequence order
+        return self._split_rope(plan.unpermute(_routed_modules(h, qv, ql, plan)), plan, cos_sin)
 
-    def _split_rope(self, qkv, position_ids):
+    def _split_rope(self, qkv, plan, cos_sin):
+        """qkv [B, L, N] sequence order -> q, k (RoPE'd with the plan's routed-order table), v."""
         cfg = self.config
         B, L, _ = qkv.shape
         H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -230,7 +311,7 @@ class VisualExpertBlock(nn.Module):
         q = q.view(B, L, H, hd).transpose(1, 2)
         k = k.view(B, L, KV, hd).transpose(1, 2)
         v = v.view(B, L, KV, hd).transpose(1, 2).contiguous()
-        cos, sin = self.self_attn.rotary_emb.cos_sin(position_ids, q.dtype)
+        cos, sin = (t.index_select(0, plan.inv_perm).view(B, L, hd // 2).repeat(1, 1, 2) for t in cos_sin)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     @staticmethod
@@ -248,14 +329,21 @@ class VisualExpertBlock(nn.Module):
         return attention_mask != 0, None
 
     # ------------------------------------------------------------------ decode
-    def _forward_language_only(self, hidden_states, position_ids, attention_mask, past_key_value, use_cache):
+    def _forward_language_only(self, hidden_states, position_ids, attention_mask, past_key_value, use_cache, plan):
+        x, present = self._attention_language_only(hidden_states, position_ids, attention_mask, past_key_value,
+                                                   use_cache, plan)
+        return self._mlp_language_only(x), present
+
+    def _attention_language_only(self, hidden_states, position_ids, attention_mask, past_key_value, use_cache, plan):
+        """Decode step (every token language): dense language-expert attention; RoPE from the plan's table."""
         from .ops import mixed_attention
 
-        cfg, attn, mlp = self.config, self.self_attn, self.mlp.language_mlp
+        attn = self.self_attn
         B, L, _ = hidden_states.shape
         self._last_backend = "dense-language"
         h = self.input_layernorm(hidden_states)
-        q, k, v = self._split_rope(attn.language_expert_query_key_value(h), position_ids)
+        q, k, v = self._split_rope(attn.language_expert_query_key_value(h), plan,
+                                   self._rope_cos_sin(plan, position_ids))
         if past_key_value is not None:
             k = torch.cat([past_key_value[0], k], dim=2)
             v = torch.cat([past_key_value[1], v], dim=2)
@@ -263,10 +351,12 @@ class VisualExpertBlock(nn.Module):
         key_padding_mask, attn_bias = self._masks(attention_mask, None, k.shape[2])
         o = mixed_attention(q, k, v, key_padding_mask=key_padding_mask, attn_bias=attn_bias,
                             backend=self.attention_backend)
-        x = hidden_states + attn.language_expert_dense(o.transpose(1, 2).reshape(B, L, -1))
+        return hidden_states + attn.language_expert_dense(o.transpose(1, 2).reshape(B, L, -1)), present
+
+    def _mlp_language_only(self, x):
+        mlp = self.mlp.language_mlp
         h = self.post_attention_layernorm(x)
-        x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
-        return x, present
+        return x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
 
 
 class VisualExpertStack(nn.Module):

@@ -157,6 +157,7 @@ class RoutingPlan:
     cu_seqlens: torch.Tensor
     packed_cu_seqlens: Optional[torch.Tensor] = None
     _host_counts: Optional[tuple] = field(default=None, repr=False)
+    _rope_tables: list = field(default_factory=list, repr=False)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -260,6 +261,45 @@ class RoutingPlan:
     def max_seqlen(self) -> int:
         return self.host_counts[2]
 
+    # ------------------------------------------------------------------ RoPE
+    def rope_table(self, inv_freq: torch.Tensor, position_dtype: Optional[torch.dtype] = None,
+                   position_ids: Optional[torch.Tensor] = None):
+        """RoPE angles' (cos, sin), each fp32 [T, hd/2] in routed order, built ONCE per plan and reused by every
+        layer (cached per (inv_freq, position_dtype, position_ids) object; rebuilt if either tensor changes in place).
+
+        inv_freq: [hd/2] frequencies exactly as the rotary module holds them (e.g. an HF checkpoint's bf16 buffer:
+            its values are used as they are — theta is never inferred from them).
+        position_dtype: dtype the positions are rounded through first (HF builds its table with
+            ``arange(..., dtype=inv_freq.dtype)``, so a bf16 model rounds positions to bf16); None = exact.
+        position_ids: int [B, L] in sequence order (what the HF decoder hands each layer); None =
+            ``self.position_ids``. Angles are ``pos * inv_freq`` in fp32, as in the table of
+            ``ops.routed_qkv_rope(rope_theta=...)``, so a table from an fp32 ``inv_freq`` gives identical results.
+        """
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            for inv, inv_ver, pdt, pos, pos_ver, table in self._rope_tables:
+                if inv is inv_freq and inv_ver == inv_freq._version and pdt == position_dtype and pos is position_ids \
+                        and (pos is None or pos_ver == pos._version):
+                    return table
+        if inv_freq.dim() != 1:
+            raise ValueError(f"inv_freq must be a 1-D tensor [head_dim/2], got shape {tuple(inv_freq.shape)}")
+        if position_ids is None:
+            pos = self.routed_position_ids
+        else:
+            if position_ids.numel() != self.num_tokens:
+                raise ValueError(f"position_ids must have B*L={self.num_tokens} elements ([B, L] in sequence order), "
+                                 f"got shape {tuple(position_ids.shape)}")
+            pos = position_ids.reshape(-1).to(self.device).index_select(0, self.perm)
+        if position_dtype is not None:
+            pos = pos.to(position_dtype)
+        with torch.no_grad():
+            ang = pos.to(torch.float32)[:, None] * inv_freq.detach().to(device=self.device, dtype=torch.float32)[None]
+            table = (ang.cos(), ang.sin())
+        if not compiling:
+            self._rope_tables.append((inv_freq, inv_freq._version, position_dtype, position_ids,
+                                      None if position_ids is None else position_ids._version, table))
+        return table
+
     # ------------------------------------------------------------------ layout changes
     def permute(self, x: torch.Tensor) -> torch.Tensor:
         """[B, L, ...] or [T, ...] in sequence order -> [T, ...] in routed order (a gather copy)."""
@@ -286,5 +326,5 @@ class RoutingPlan:
 
     def to(self, device) -> "RoutingPlan":
         kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()
-              if k != "_host_counts"}
+              if k not in ("_host_counts", "_rope_tables")}
         return RoutingPlan(**kw)
