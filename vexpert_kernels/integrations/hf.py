@@ -65,9 +65,9 @@ def patch_cogvlm(model: nn.Module, config: Optional[VisualExpertConfig] = None, 
     ``config`` defaults to one inferred from the first layer. Returns a :class:`PatchReport`.
     """
     from ..block import VisualExpertBlock
+    from ..validation import check_patch_args
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_patch_args(model, config, backend, attention_backend)  # before any layer is touched
     report = PatchReport()
     if type(model).__name__ in DECODER_LAYER_NAMES:
         raise ValueError("model is itself a CogVLMDecoderLayer; use VisualExpertBlock.from_hf_layer(layer, config)")
