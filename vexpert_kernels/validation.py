@@ -131,12 +131,14 @@ def check_token_type_ids(token_type_ids, name: str = "token_type_ids") -> torch.
         raise ValueError(f"{name} must have shape [B, L], got {tuple(token_type_ids.shape)}")
     if token_type_ids.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(token_type_ids.shape)}")
+    if token_type_ids.device.type == "meta":  # no values (shape-only tracing)
+        return token_type_ids
     bad = (token_type_ids != 0) & (token_type_ids != 1)
     if token_type_ids.device.type == "cpu" and not torch.compiler.is_compiling():
         if bool(bad.any()):
             raise ValueError(f"{name} may only hold 0 (language) or 1 (vision); found "
                              f"{sorted(set(token_type_ids[bad].tolist()))[:5]}")
-    elif token_type_ids.device.type != "meta":  # device-side assert: no host sync, no graph break
+    else:  # device-side assert: no host sync on the hot path (and no graph break under torch.compile)
         torch._assert_async(~bad.any(), f"{name} may only hold 0 (language) or 1 (vision)")
     return token_type_ids
 
@@ -402,6 +404,10 @@ def check_block_forward(block, hidden_states, token_type_ids, position_ids, atte
     ids come back expanded to ``[B, L]``. See :func:`check_plan_matches` for when plan values are compared."""
     cfg = block.config
     check_bool("routed", routed)
+    if block.requested_backend == "auto":  # env overrides are read (and rejected if unknown) before any kernel
+        resolve_gemm_path("auto", hidden_states if isinstance(hidden_states, torch.Tensor) else torch.empty(0))
+    if block.attention_backend == "auto":
+        env_attention_backend()
     if routed:
         if plan is None:
             raise ValueError("routed=True needs plan= (the RoutingPlan that defines the routed order)")
