@@ -116,7 +116,13 @@ class VisualExpertBlock(nn.Module):
         ``routed=True``: hidden_states is [T, D] in ``plan``'s routed order (token_type_ids unused) and so is the
         output — what a stack uses between layers. Going through ``__call__`` keeps FSDP/DDP/forward hooks working.
         A packed plan (``RoutingPlan.build(tt, cu_seqlens=...)``, hidden_states [1, total, D]) keeps its sequences
-        apart: varlen attention, position ids restarting per sequence; no attention_mask / past_key_value then."""
+        apart: varlen attention, position ids restarting per sequence; no attention_mask / past_key_value then.
+
+        Validated before any kernel (``validation.check_block_forward``; TypeError/ValueError naming the argument):
+        position_ids [B, L] or [1, L] (broadcast, as HF), a 2-D mask of exactly [B, past+L] (batch 1 is not
+        broadcast), past_key_value a (k, v) pair [B, KV, past, hd], hidden_states in the parameters' dtype/device.
+        A ``plan`` must match ``token_type_ids``: shapes always; values when on the CPU or under ``VEXPERT_DEBUG=1``
+        (on CUDA otherwise no host sync is spent on it)."""
         token_type_ids, position_ids = check_block_forward(self, hidden_states, token_type_ids, position_ids,
                                                            attention_mask, past_key_value, plan, routed)
         if routed:

@@ -5,6 +5,12 @@ a message naming the argument, what it got and what was expected — before any 
 device values (e.g. the contents of a CUDA ``cu_seqlens``) never add a host sync on the hot path: they run where
 the values are already on the host (CPU tensors), or when ``VEXPERT_DEBUG=1`` (tests set it); kernels are written
 bound-safe for every input that passes the host-side checks.
+
+Sections: generic checks (tensor, dtype, choice, numbers, cu_seqlens) used by the ops; routing inputs
+(``RoutingPlan.build``); layer inputs (``VisualExpertBlock`` construction/forward, ``visual_expert_layers``,
+``VisualExpertStack``, ``VisualExpertLM``) including how a block's ``backend="auto"`` and the
+``VEXPERT_GEMM_BACKEND`` / ``VEXPERT_ATTENTION_BACKEND`` overrides resolve; ``VisualExpertConfig``; ``patch_cogvlm``.
+Package modules import from here only lazily where this module needs them (no import cycles).
 """
 from __future__ import annotations
 
