@@ -467,7 +467,9 @@ def check_layers_call(layers, hidden_states, token_type_ids, position_ids, atten
     if token_type_ids is None and plan is not None:
         check_plan(plan)
         token_type_ids = plan.token_type_ids
-    tt = check_forward_args(hidden_states, token_type_ids, hidden, block=first)
+    # dtype/device against the parameters is checked by each layer's forward (under FSDP the parameters are only
+    # unsharded, in their compute dtype, inside that forward)
+    tt = check_forward_args(hidden_states, token_type_ids, hidden)
     B, L = tt.shape
     check_attention_mask(attention_mask, B, L, L, hidden_states.device,
                          first.config.num_attention_heads if first is not None else 1)
