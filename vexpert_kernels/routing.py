@@ -23,11 +23,6 @@ VISION_TOKEN_TYPE = 1
 VISION, LANGUAGE = 0, 1  # expert index: weights are ordered (vision, language) everywhere in this package
 
 
-# the checks live in validation.py (one module for every entry point); these aliases keep old imports working
-_check_token_type_ids = check_token_type_ids
-_check_keep_mask = check_keep_mask
-
-
 def expert_vision_mask(token_type_ids: torch.Tensor, same_segment_as_next: Optional[torch.Tensor] = None):
     """HF rule: a token uses the vision expert iff it and the NEXT token are vision tokens (so eoi, and any vision
     token last in its row, use the language expert)."""
