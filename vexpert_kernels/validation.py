@@ -319,7 +319,8 @@ def check_forward_args(hidden_states, token_type_ids, hidden_size: int, *, block
 
 
 def check_position_ids(position_ids, batch: int, length: int, device) -> Optional[torch.Tensor]:
-    """None, or integer [B, L] / [1, L] (broadcast over the batch, as HF does) -> int64 [B, L]."""
+    """None, or integer [B, L] / [1, L] (broadcast over the batch, as HF does) -> int64 [B, L] (the given tensor
+    itself when it already is int64 [B, L])."""
     if position_ids is None:
         return None
     check_tensor("position_ids", position_ids, integer=True)
@@ -328,6 +329,8 @@ def check_position_ids(position_ids, batch: int, length: int, device) -> Optiona
                          f"the batch), got {tuple(position_ids.shape)}")
     if position_ids.device != device:
         raise ValueError(f"position_ids is on {position_ids.device} but hidden_states is on {device}")
+    if position_ids.dtype == torch.int64 and position_ids.shape[0] == batch:
+        return position_ids  # the same object: per-plan caches (RoPE tables) key on it
     return position_ids.long().expand(batch, length)
 
 
