@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._triton_compat import triton_usable_for
 from .config import VisualExpertConfig
-from .reference import (RMSNorm, VisionExpertAttention, VisionExpertMLP, _check_forward_args, apply_rotary,
-                        default_position_ids)
+from .reference import RMSNorm, VisionExpertAttention, VisionExpertMLP, apply_rotary
 from .layer_context import PlanCache, keep_mask_from_additive, rope_inputs  # noqa: F401  (re-exported)
 from .routing import RoutingPlan
+from .validation import (check_block_forward, check_block_init, check_layers_call, check_packed_plan,
+                         check_stack_init, default_position_ids, env_attention_backend, resolve_gemm_path)
 
 
 def _plain_linear(module) -> bool:
@@ -47,27 +47,39 @@ def _routed_modules(x, mod_vision, mod_language, plan, residual=None):
     return y if residual is None else residual + y
 
 
-def _check_packed(plan, attention_mask, past_key_value):
-    """A packed plan (built with cu_seqlens) describes whole sequences back to back: no padding mask, no KV cache."""
-    if attention_mask is not None or past_key_value is not None or plan.attention_mask is not None:
-        raise ValueError("a packed plan (RoutingPlan.build(..., cu_seqlens=...)) takes no attention_mask (in the plan "
-                         "or the call) and no past_key_value: its cu_seqlens already separate the sequences")
+_check_packed = check_packed_plan
+
+
+def _attention_choice(requested, gemm_path, q, k, v, key_padding_mask, attn_bias):
+    """The attention backend a block asks for. Explicit names and ``VEXPERT_ATTENTION_BACKEND`` reach the op as
+    given. Only for ``"auto"`` on CPU tensors under the Triton interpreter, with the block on the Triton path, the
+    block runs OUR kernel (the op's auto would pick sdpa there) — when that kernel can serve the request."""
+    if requested != "auto" or gemm_path != "triton" or q.is_cuda or env_attention_backend() is not None:
+        return requested
+    from .ops.attention import attention_backend_reason
+
+    why = attention_backend_reason("triton", q, k, v, key_padding_mask=key_padding_mask, attn_bias=attn_bias)
+    return "triton" if why is None else "auto"
 
 
 class VisualExpertBlock(nn.Module):
     """Fused CogVLM decoder layer. Same parameter names, state-dict keys and forward signature as HF (and as
     :class:`vexpert_kernels.reference.VisualExpertBlock`), plus ``plan=`` to share one RoutingPlan across layers.
 
-    backend: ``"auto"`` (Triton kernels on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1``; plain
-    PyTorch otherwise), ``"triton"`` or ``"torch"``. ``attention_backend`` is passed to ``ops.mixed_attention``.
-    The path used by the last forward is in ``block.backend``.
+    backend: ``"auto"`` (passed to the routed GEMM ops as ``"auto"``: ``VEXPERT_GEMM_BACKEND``, then the ops'
+    dispatch decide — Triton kernels on CUDA tensors and on CPU tensors when ``TRITON_INTERPRET=1``, plain PyTorch
+    otherwise), ``"triton"`` or ``"torch"``. ``attention_backend`` (``"auto"`` or a name of
+    ``ops.attention.BACKENDS``) is passed to ``ops.mixed_attention``, where ``"auto"`` honours
+    ``VEXPERT_ATTENTION_BACKEND``; under the CPU interpreter, auto runs our Triton attention when it can serve the
+    request. Unknown names raise ValueError here, at construction. The GEMM path of the last forward is in
+    ``block.backend`` (``"triton"``, ``"torch"``, ``"grouped_mm"``, or ``"dense-language"`` for decode steps).
+    Every forward input is validated first (``validation.check_block_forward``).
     """
 
     def __init__(self, config: VisualExpertConfig, *, backend: str = "auto", attention_backend: str = "auto",
                  _modules: Optional[dict] = None):
         super().__init__()
-        if backend not in ("auto", "triton", "torch"):
-            raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        check_block_init(config, backend, attention_backend)
         self.config = config
         self.hidden_size = config.hidden_size
         self.requested_backend = backend
@@ -114,13 +126,7 @@ class VisualExpertBlock(nn.Module):
         return self._resolve_backend(self.input_layernorm.weight)
 
     def _resolve_backend(self, x: torch.Tensor) -> str:
-        if self.requested_backend == "torch":
-            return "torch"
-        usable = triton_usable_for(x)
-        if self.requested_backend == "triton" and not usable:
-            raise RuntimeError("VisualExpertBlock(backend='triton') needs CUDA tensors, or CPU tensors with "
-                               "TRITON_INTERPRET=1 set before triton is imported")
-        return "triton" if usable else "torch"
+        return resolve_gemm_path(self.requested_backend, x)
 
     # ------------------------------------------------------------------ HF-signature forward
     def forward(self, hidden_states, token_type_ids=None, position_ids=None, attention_mask=None,
@@ -133,18 +139,20 @@ class VisualExpertBlock(nn.Module):
         ``routed=True``: hidden_states is [T, D] in ``plan``'s routed order (token_type_ids unused) and so is the
         output — what a stack uses between layers. Going through ``__call__`` keeps FSDP/DDP/forward hooks working.
         A packed plan (``RoutingPlan.build(tt, cu_seqlens=...)``, hidden_states [1, total, D]) keeps its sequences
-        apart: varlen attention, position ids restarting per sequence; no attention_mask / past_key_value then."""
+        apart: varlen attention, position ids restarting per sequence; no attention_mask / past_key_value then.
+
+        Validated before any kernel (``validation.check_block_forward``; TypeError/ValueError naming the argument):
+        position_ids [B, L] or [1, L] (broadcast, as HF), a 2-D mask of exactly [B, past+L] (batch 1 is not
+        broadcast), past_key_value a (k, v) pair [B, KV, past, hd], hidden_states in the parameters' dtype/device.
+        A ``plan`` must match ``token_type_ids``: shapes always; values when on the CPU or under ``VEXPERT_DEBUG=1``
+        (on CUDA otherwise no host sync is spent on it)."""
+        token_type_ids, position_ids = check_block_forward(self, hidden_states, token_type_ids, position_ids,
+                                                           attention_mask, past_key_value, plan, routed)
         if routed:
-            if plan is None:
-                raise ValueError("routed=True needs plan= (the RoutingPlan that defines the routed order)")
-            if hidden_states.dim() != 2 or hidden_states.shape != (plan.num_tokens, self.hidden_size):
-                raise ValueError(f"routed hidden_states must be [T={plan.num_tokens}, {self.hidden_size}], got "
-                                 f"{tuple(hidden_states.shape)}")
             out, present = self.forward_routed(hidden_states, plan, position_ids=position_ids,
                                                attention_mask=attention_mask, past_key_value=past_key_value,
                                                use_cache=use_cache)
             return (out, present) if use_cache else (out,)
-        token_type_ids = _check_forward_args(hidden_states, token_type_ids, self.hidden_size)
         B, L, _ = hidden_states.shape
         if plan is not None and plan.packed_cu_seqlens is not None:
             _check_packed(plan, attention_mask, past_key_value)
@@ -225,7 +233,7 @@ class VisualExpertBlock(nn.Module):
     def _backends(self, x):
         backend = self._resolve_backend(x)
         self._last_backend = backend
-        gemm_backend = "triton" if backend == "triton" else "torch"
+        gemm_backend = self.requested_backend  # "auto" reaches the ops: VEXPERT_GEMM_BACKEND / their dispatch decide
         # on CUDA let rmsnorm pick (csrc kernel > Triton > torch); on CPU run the Triton kernel through the interpreter
         norm_backend = "auto" if x.is_cuda else ("triton" if backend == "triton" else "torch")
         return backend, gemm_backend, norm_backend
@@ -248,9 +256,7 @@ class VisualExpertBlock(nn.Module):
         present = (k, v) if use_cache else None
         key_padding_mask, attn_bias = self._masks(attention_mask, plan, k.shape[2])
         spans = plan.image_span_ids if cfg.image_attention == "bidirectional" else None
-        attention_backend = self.attention_backend
-        if attention_backend == "auto" and backend == "triton" and not x.is_cuda and attn_bias is None:
-            attention_backend = "triton"  # CPU + interpreter: run OUR kernel (auto would pick sdpa there)
+        attention_backend = _attention_choice(self.attention_backend, backend, q, k, v, key_padding_mask, attn_bias)
         if plan.packed_cu_seqlens is not None:
             # packed input [1, total]: attention must not cross sequences -> varlen over the plan's cu_seqlens
             _check_packed(plan, attention_mask, past_key_value)
@@ -364,6 +370,7 @@ class VisualExpertStack(nn.Module):
 
     def __init__(self, config: VisualExpertConfig, num_layers: int, **block_kwargs):
         super().__init__()
+        check_stack_init(config, num_layers, block_kwargs)
         self.config = config
         self.layers = nn.ModuleList(VisualExpertBlock(config, **block_kwargs) for _ in range(num_layers))
 
@@ -377,7 +384,8 @@ def visual_expert_layers(layers, hidden_states, token_type_ids, *, position_ids=
     """Run fused layers over [B, L, D] with ONE RoutingPlan and one permute/unpermute pair (no KV cache).
 
     ``checkpoint=True`` recomputes each layer in backward (torch.utils.checkpoint)."""
-    token_type_ids = _check_forward_args(hidden_states, token_type_ids, hidden_states.shape[-1])
+    token_type_ids, position_ids = check_layers_call(layers, hidden_states, token_type_ids, position_ids,
+                                                     attention_mask, plan, checkpoint)
     if plan is None:
         keep = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         plan = RoutingPlan.build(token_type_ids, keep)

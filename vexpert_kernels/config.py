@@ -26,32 +26,9 @@ class VisualExpertConfig:
     image_attention: str = "causal"     # "causal" (CogVLM) or "bidirectional" inside each contiguous image span
 
     def __post_init__(self):
-        for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-                     "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"VisualExpertConfig.{name} must be a positive int, got {value!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"VisualExpertConfig.num_attention_heads ({self.num_attention_heads}) must divide "
-                             f"hidden_size ({self.hidden_size})")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"VisualExpertConfig.num_key_value_heads ({self.num_key_value_heads}) must divide "
-                             f"num_attention_heads ({self.num_attention_heads})")
-        if self.head_dim % 2:
-            raise ValueError(f"VisualExpertConfig head_dim (hidden_size / num_attention_heads = {self.head_dim}) "
-                             "must be even for rotary embeddings")
-        if self.image_attention not in ("causal", "bidirectional"):
-            raise ValueError(f"VisualExpertConfig.image_attention must be 'causal' or 'bidirectional', got "
-                             f"{self.image_attention!r}")
-        if self.rope_position_dtype is not None:
-            import torch
-            if self.rope_position_dtype not in (torch.bfloat16, torch.float16, torch.float32):
-                raise ValueError("VisualExpertConfig.rope_position_dtype must be None, torch.bfloat16, torch.float16 "
-                                 f"or torch.float32, got {self.rope_position_dtype!r}")
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"VisualExpertConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
-        if not self.rope_theta > 0:
-            raise ValueError(f"VisualExpertConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+        from .validation import check_config
+
+        check_config(self)  # every field, at construction (ValueError/TypeError naming the field and its value)
 
     @property
     def head_dim(self) -> int:

@@ -11,6 +11,7 @@ from .block import VisualExpertBlock, visual_expert_layers
 from .config import VisualExpertConfig
 from .reference import RMSNorm
 from .reference import VisualExpertBlock as ReferenceBlock
+from .validation import check_lm_forward, check_lm_init
 
 
 class VisualExpertLM(nn.Module):
@@ -21,10 +22,7 @@ class VisualExpertLM(nn.Module):
     def __init__(self, config: VisualExpertConfig, num_layers: int, vocab_size: int, *, backend: str = "fused",
                  kernel_backend: str = "auto", checkpoint: bool = False):
         super().__init__()
-        if backend not in ("fused", "reference"):
-            raise ValueError(f"backend must be 'fused' or 'reference', got {backend!r}")
-        if num_layers < 1 or vocab_size < 1:
-            raise ValueError(f"num_layers and vocab_size must be >= 1, got {num_layers}, {vocab_size}")
+        check_lm_init(config, num_layers, vocab_size, backend, kernel_backend, checkpoint)
         self.config, self.backend, self.checkpoint = config, backend, checkpoint
         self.embed_tokens = nn.Embedding(vocab_size, config.hidden_size)
         if backend == "fused":
@@ -48,7 +46,11 @@ class VisualExpertLM(nn.Module):
 
     def forward(self, input_ids, token_type_ids, image_features=None, attention_mask=None, labels=None):
         """input_ids, token_type_ids [B, L]; attention_mask 2-D keep [B, L] or None; labels [B, L] (-100 ignored).
-        Returns logits [B, L, V], or (loss, logits) with labels (next-token loss)."""
+        Returns logits [B, L, V], or (loss, logits) with labels (next-token loss).
+
+        Inputs are validated first (``validation.check_lm_forward``): ids in [0, vocab_size) and one image_features
+        row per image token are checked on the host for CPU tensors or under ``VEXPERT_DEBUG=1`` (no sync on CUDA)."""
+        check_lm_forward(self, input_ids, token_type_ids, image_features, attention_mask, labels)
         x = self.embed(input_ids, token_type_ids, image_features)
         if self.backend == "fused":
             x = visual_expert_layers(self.layers, x, token_type_ids, attention_mask=attention_mask,

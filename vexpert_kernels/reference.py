@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisualExpertConfig
-from .routing import _check_token_type_ids, build_position_ids, expert_vision_mask
+from .routing import expert_vision_mask
+from .validation import check_forward_args as _check_forward_args
+from .validation import default_position_ids
 
 
 class RMSNorm(nn.Module):
@@ -187,32 +189,6 @@ class VisionExpertAttention(nn.Module):
         ctx = ctx.transpose(1, 2).reshape(B, L, H * hd)
         out = _route(ctx, token_type_ids, self.vision_expert_dense, self.language_expert_dense, self.hidden_size)
         return out, None, present
-
-
-def _check_forward_args(hidden_states, token_type_ids, hidden_size):
-    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
-        raise ValueError("hidden_states must be a tensor [B, L, hidden_size], got "
-                         f"{tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states)}")
-    if hidden_states.shape[-1] != hidden_size:
-        raise ValueError(f"hidden_states last dim must be hidden_size={hidden_size}, got {hidden_states.shape[-1]}")
-    tt = _check_token_type_ids(token_type_ids)
-    if tuple(tt.shape) != tuple(hidden_states.shape[:2]):
-        raise ValueError(f"token_type_ids shape {tuple(tt.shape)} must equal hidden_states' [B, L] "
-                         f"{tuple(hidden_states.shape[:2])}")
-    if tt.device != hidden_states.device:
-        raise ValueError(f"token_type_ids is on {tt.device} but hidden_states is on {hidden_states.device}")
-    return tt
-
-
-def default_position_ids(token_type_ids, attention_mask, past_key_value):
-    """HF rule when no position ids are given; a chunk after a KV cache cannot know its positions, so it must pass them."""
-    if past_key_value is not None:
-        raise ValueError("position_ids is required with past_key_value: image tokens compress positions, so a chunk "
-                         "after a cache cannot infer its own (pass last_position + 1, ...)")
-    keep = None
-    if attention_mask is not None and attention_mask.dim() == 2:
-        keep = attention_mask[:, -token_type_ids.shape[1]:] != 0
-    return build_position_ids(token_type_ids, keep)
 
 
 class VisualExpertBlock(nn.Module):

@@ -16,45 +16,11 @@ from typing import Optional
 
 import torch
 
+from .validation import check_keep_mask, check_plan_cu_seqlens, check_tensor, check_token_type_ids
+
 LANGUAGE_TOKEN_TYPE = 0
 VISION_TOKEN_TYPE = 1
 VISION, LANGUAGE = 0, 1  # expert index: weights are ordered (vision, language) everywhere in this package
-
-
-def _check_token_type_ids(token_type_ids: torch.Tensor) -> torch.Tensor:
-    if not isinstance(token_type_ids, torch.Tensor):
-        raise TypeError(f"token_type_ids must be a torch.Tensor, got {type(token_type_ids).__name__}")
-    if token_type_ids.dtype in (torch.bool,) or token_type_ids.is_floating_point() or token_type_ids.is_complex():
-        raise TypeError(f"token_type_ids must be an integer tensor (0 = language, 1 = vision), got {token_type_ids.dtype}")
-    if token_type_ids.dim() == 1:
-        token_type_ids = token_type_ids.unsqueeze(0)
-    if token_type_ids.dim() != 2:
-        raise ValueError(f"token_type_ids must have shape [B, L], got {tuple(token_type_ids.shape)}")
-    if token_type_ids.numel() == 0:
-        raise ValueError(f"token_type_ids must not be empty, got shape {tuple(token_type_ids.shape)}")
-    bad = (token_type_ids != LANGUAGE_TOKEN_TYPE) & (token_type_ids != VISION_TOKEN_TYPE)
-    if token_type_ids.device.type == "cpu" and not torch.compiler.is_compiling():
-        if bool(bad.any()):
-            raise ValueError("token_type_ids may only hold 0 (language) or 1 (vision); found "
-                             f"{sorted(set(token_type_ids[bad].tolist()))[:5]}")
-    else:  # device-side assert: no host sync on the hot path (and no graph break under torch.compile)
-        torch._assert_async(~bad.any(), "token_type_ids may only hold 0 (language) or 1 (vision)")
-    return token_type_ids
-
-
-def _check_keep_mask(attention_mask, shape, device, name="attention_mask") -> Optional[torch.Tensor]:
-    if attention_mask is None:
-        return None
-    if not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(attention_mask).__name__}")
-    if attention_mask.dim() == 1 and len(shape) == 2 and shape[0] == 1:
-        attention_mask = attention_mask.unsqueeze(0)
-    if tuple(attention_mask.shape) != tuple(shape):
-        raise ValueError(f"{name} must be a 2-D keep mask of shape {tuple(shape)} (1 keep, 0 pad), "
-                         f"got {tuple(attention_mask.shape)}; pass 4-D additive masks to the layer, not the plan")
-    if attention_mask.device != device:
-        raise ValueError(f"{name} is on {attention_mask.device} but token_type_ids is on {device}")
-    return attention_mask != 0
 
 
 def expert_vision_mask(token_type_ids: torch.Tensor, same_segment_as_next: Optional[torch.Tensor] = None):
@@ -171,9 +137,13 @@ class RoutingPlan:
             cu_seqlens: optional int [S+1] for *packed* input: ``token_type_ids`` is [1, total] (or [total]) holding
                 S sequences back to back; the expert rule and position ids then restart at each sequence.
         No host synchronisation happens here (on CUDA, invalid token types trip a device-side assert).
+        Raises TypeError/ValueError (validation.py) for non-integer or non-0/1 token types, a keep mask of another
+        shape or device, and ``cu_seqlens`` that are not 1-D integer, do not start at 0, decrease, or do not end at
+        ``total`` (values checked on the host for CPU tensors; for CUDA ``cu_seqlens`` only under
+        ``VEXPERT_DEBUG=1``).
         """
-        tt = _check_token_type_ids(token_type_ids).long()
-        keep = _check_keep_mask(attention_mask, tt.shape, tt.device)
+        tt = check_token_type_ids(token_type_ids).long()
+        keep = check_keep_mask(attention_mask, tt.shape, tt.device)
         if tt.is_cuda and cu_seqlens is None:
             from ._cuda import build_plan_cuda, cuda_extension_available
 
@@ -185,14 +155,7 @@ class RoutingPlan:
             if tt.shape[0] != 1:
                 raise ValueError(f"with cu_seqlens, token_type_ids must be packed as [1, total] or [total], got "
                                  f"{tuple(token_type_ids.shape)}")
-            if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
-                    or cu_seqlens.is_floating_point():
-                raise ValueError("cu_seqlens must be a 1-D integer tensor [S+1] starting at 0 and ending at total")
-            packed = cu_seqlens.to(device=tt.device, dtype=torch.int32)
-            if packed.device.type == "cpu":
-                if int(packed[0]) != 0 or int(packed[-1]) != tt.shape[1] or bool((packed[1:] < packed[:-1]).any()):
-                    raise ValueError(f"cu_seqlens must be non-decreasing from 0 to total={tt.shape[1]}, got "
-                                     f"{packed.tolist()}")
+            packed = check_plan_cu_seqlens(cu_seqlens, tt.shape[1], tt.device)
             pos = torch.arange(tt.shape[1], device=tt.device)
             seg = torch.searchsorted(packed[1:].contiguous(), pos, right=True)
             same_seg = (seg[1:] == seg[:-1]).unsqueeze(0)
@@ -308,13 +271,18 @@ class RoutingPlan:
 
     def unpermute(self, y: torch.Tensor) -> torch.Tensor:
         """[T, ...] in routed order -> [B, L, ...] in sequence order (a gather copy)."""
-        if y.shape[0] != self.num_tokens:
+        check_tensor("y", y)
+        if y.dim() < 1 or y.shape[0] != self.num_tokens:
             raise ValueError(f"y must have {self.num_tokens} rows in routed order (B*L), got shape {tuple(y.shape)}")
         if y.device != self.device:
             raise ValueError(f"y is on {y.device} but the plan is on {self.device}")
         return y.index_select(0, self.inv_perm).reshape(self.batch_size, self.seq_len, *y.shape[1:])
 
     def _flatten(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        check_tensor(name, x)
+        if x.dim() == 0:
+            raise ValueError(f"{name} must have shape [B={self.batch_size}, L={self.seq_len}, ...] or "
+                             f"[T={self.num_tokens}, ...], got a 0-d tensor")
         if x.device != self.device:
             raise ValueError(f"{name} is on {x.device} but the plan is on {self.device}")
         if x.dim() >= 2 and tuple(x.shape[:2]) == (self.batch_size, self.seq_len):

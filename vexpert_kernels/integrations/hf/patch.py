@@ -137,8 +137,9 @@ def patch_cogvlm(model: nn.Module, config: Optional[VisualExpertConfig] = None, 
     from ...layer_context import PlanCache
     from .cogagent import CogAgentExpertBlock
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    from ...validation import check_patch_args
+
+    check_patch_args(model, config, backend, attention_backend)  # before any layer is touched
     if rope_positions not in ("module", "fp32"):
         raise ValueError(f"rope_positions must be 'module' or 'fp32', got {rope_positions!r}")
     all_names = DECODER_LAYER_NAMES + CROSS_DECODER_LAYER_NAMES
