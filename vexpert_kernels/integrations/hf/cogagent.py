@@ -14,7 +14,7 @@ module returns as its cache (its keys/values of the image features), handed back
 from __future__ import annotations
 
 from ...block import VisualExpertBlock
-from ...reference import _check_forward_args, default_position_ids
+from ...validation import check_forward_args as _check_forward_args, default_position_ids
 
 
 class CogAgentExpertBlock(VisualExpertBlock):
