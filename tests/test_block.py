@@ -114,21 +114,29 @@ def test_kv_cache_prefill_and_decode():
 
 
 def test_stack_one_plan_two_layers():
+    # multi-tile (L=48) with left padding that ends mid-tile; positions come from the plan (no position_ids).
+    # Forward only: each layer's backward at this length is covered by test_block_multi_tile_branches_*.
     cfg = VisualExpertConfig.tiny()
     refs, fuseds = zip(*(pair(cfg, seed=s) for s in range(2)))
     stack = VisualExpertStack(cfg, 2)
     stack.layers[0].load_state_dict(fuseds[0].state_dict())
     stack.layers[1].load_state_dict(fuseds[1].state_dict())
-    x = torch.randn(*TT.shape, cfg.hidden_size)
-    h = x.double()
-    for r in refs:
-        (h,) = r(h, TT)
-    xf = x.clone().requires_grad_()
-    y = stack(xf, TT)
-    assert rel_err(y, h) < TOL[torch.float32]
+    tt, keep = long_layout(), long_keep("left")
+    rows = keep.bool()
+    x = torch.randn(*tt.shape, cfg.hidden_size)
+    with torch.no_grad():
+        h = x.double()
+        for r in refs:
+            (h,) = r(h, tt, attention_mask=keep)
+        y = stack(x, tt, attention_mask=keep)
+    assert torch.isfinite(y).all()
+    assert rel_err(y[rows], h[rows]) < TOL[torch.float32]
+    # one shared plan, checkpointed layers (short input): same result as plain layers
+    xs = torch.randn(*TT.shape, cfg.hidden_size)
     plan = RoutingPlan.build(TT)
-    y2 = visual_expert_layers(stack.layers, x, TT, plan=plan, checkpoint=True)
-    assert torch.allclose(y, y2, atol=1e-6)
+    y1 = visual_expert_layers(stack.layers, xs, TT, plan=plan)
+    y2 = visual_expert_layers(stack.layers, xs.requires_grad_(), TT, plan=plan, checkpoint=True)
+    assert torch.allclose(y1, y2, atol=1e-6)
 
 
 def test_hf_4d_mask_and_output_flags():
