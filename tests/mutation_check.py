@@ -65,7 +65,7 @@ MUTANTS = (
     Mutant("key_padding_bwd", "vexpert_kernels/ops/flash_attention.py",
            "        elif HAS_KPM:\n            pT = tl.where(kkeep[:, None], pT, 0.0)",
            "        elif HAS_KPM:\n            pT = pT",
-           (MULTI_TILE,), "dK/dV: interior (unmasked) tiles forget the key padding mask (needs left padding, L > tile)"),
+           (MULTI_TILE,), "dK/dV: interior (unmasked) tiles drop the key padding mask (needs left padding, L > tile)"),
     Mutant("eoi_routing", "vexpert_kernels/routing.py",
            "vision[:, :-1] = (tt[:, :-1] == VISION_TOKEN_TYPE) & (tt[:, 1:] == VISION_TOKEN_TYPE)",
            "vision[:, :-1] = (tt[:, :-1] == VISION_TOKEN_TYPE)",

@@ -26,7 +26,8 @@ def _check_token_type_ids(token_type_ids: torch.Tensor) -> torch.Tensor:
     if not isinstance(token_type_ids, torch.Tensor):
         raise TypeError(f"token_type_ids must be a torch.Tensor, got {type(token_type_ids).__name__}")
     if token_type_ids.dtype == torch.bool or token_type_ids.is_floating_point() or token_type_ids.is_complex():
-        raise TypeError(f"token_type_ids must be an integer tensor (0 = language, 1 = vision), got {token_type_ids.dtype}")
+        raise TypeError("token_type_ids must be an integer tensor (0 = language, 1 = vision), got "
+                        f"{token_type_ids.dtype}")
     if token_type_ids.dim() == 1:
         token_type_ids = token_type_ids.unsqueeze(0)
     if token_type_ids.dim() != 2:
