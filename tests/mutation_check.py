@@ -12,8 +12,10 @@ would mean nothing.
     python tests/mutation_check.py rope_sign eoi   # a subset, by name
     python tests/mutation_check.py --list
 
-The rows target the code as of this commit (ops/routed_linear.py, ops/flash_attention.py, routing.py); when those
-files are split or rewritten, update ``file``/``old``/``new`` so each row plants the same bug again.
+``file`` may list several candidate paths (the op modules are being split into packages: ``ops/routed_linear.py`` ->
+``ops/routed_linear/kernels.py``, ``ops/flash_attention.py`` -> ``ops/flash_attention/kernels.py``); the first one
+holding ``old`` exactly once is mutated. When the code is rewritten, update ``file``/``old``/``new`` so each row
+plants the same bug again.
 """
 from __future__ import annotations
 
@@ -35,10 +37,14 @@ MULTI_TILE = BLOCK + "test_block_multi_tile_branches_fp32"               # L = 4
 MULTI_TILE_BF16 = BLOCK + "test_block_multi_tile_branches_bf16_bidirectional"
 
 
+GEMM = ("vexpert_kernels/ops/routed_linear/kernels.py", "vexpert_kernels/ops/routed_linear.py")
+ATTN = ("vexpert_kernels/ops/flash_attention/kernels.py", "vexpert_kernels/ops/flash_attention.py")
+
+
 @dataclass(frozen=True)
 class Mutant:
     name: str
-    file: str
+    file: tuple  # candidate paths, first match wins
     old: str
     new: str
     tests: tuple
@@ -46,31 +52,31 @@ class Mutant:
 
 
 MUTANTS = (
-    Mutant("expert_boundary", "vexpert_kernels/ops/routed_linear.py",
+    Mutant("expert_boundary", GEMM,
            "row_end = tl.where(is_l, n_t, n_v)",
            "row_end = tl.where(is_l, n_t, n_v - 1)",
            (FAST_TRITON,), "grouped GEMM: the last vision row is never computed (off by one at the expert boundary)"),
-    Mutant("vision_bias", "vexpert_kernels/ops/routed_linear.py",
+    Mutant("vision_bias", GEMM,
            "acc += bias.to(tl.float32)[None, :]",
            "acc += tl.where(is_l, bias.to(tl.float32), 0.0)[None, :]",
            (MULTI_TILE_BF16,), "QKV epilogue drops the vision bias on half of each head (caught in bf16 per branch)"),
-    Mutant("rope_sign", "vexpert_kernels/ops/routed_linear.py",
+    Mutant("rope_sign", GEMM,
            "o1 = acc * c - acc2 * s",
            "o1 = acc * c + acc2 * s",
            (MULTI_TILE_BF16,), "RoPE rotation sign flipped in the QKV epilogue (caught in bf16 per branch)"),
-    Mutant("causal_edge", "vexpert_kernels/ops/flash_attention.py",
+    Mutant("causal_edge", ATTN,
            "ok = (offs_n[None, :] <= qpos[:, None]) & n_valid[None, :] & m_valid[:, None]",
            "ok = (offs_n[None, :] < qpos[:, None]) & n_valid[None, :] & m_valid[:, None]",
            (FAST_TRITON,), "forward attention: a query no longer sees its own key (causal diagonal)"),
-    Mutant("key_padding_bwd", "vexpert_kernels/ops/flash_attention.py",
+    Mutant("key_padding_bwd", ATTN,
            "        elif HAS_KPM:\n            pT = tl.where(kkeep[:, None], pT, 0.0)",
            "        elif HAS_KPM:\n            pT = pT",
            (MULTI_TILE,), "dK/dV: interior (unmasked) tiles drop the key padding mask (needs left padding, L > tile)"),
-    Mutant("eoi_routing", "vexpert_kernels/routing.py",
+    Mutant("eoi_routing", ("vexpert_kernels/routing.py",),
            "vision[:, :-1] = (tt[:, :-1] == VISION_TOKEN_TYPE) & (tt[:, 1:] == VISION_TOKEN_TYPE)",
            "vision[:, :-1] = (tt[:, :-1] == VISION_TOKEN_TYPE)",
            (FAST_TORCH,), "RoutingPlan routes eoi to the vision expert (the reference has its own rule)"),
-    Mutant("dw_last_k_tile", "vexpert_kernels/ops/routed_linear.py",
+    Mutant("dw_last_k_tile", GEMM,
            "        k_mask = ks < K\n",
            "        k_mask = ks < K - BLOCK_K\n",
            (FAST_TRITON,), "weight-gradient kernel never stores the last K tile of dW"),
@@ -87,16 +93,28 @@ def _copy_repo(dst: str) -> None:
             shutil.copy2(src, os.path.join(dst, name))
 
 
+def target(root: str, m: Mutant) -> str:
+    """The path (under root) this mutant applies to; raises, naming the row to retarget, when no candidate holds its
+    pattern exactly once."""
+    seen = []
+    for rel in m.file:
+        path = os.path.join(root, rel)
+        if not os.path.exists(path):
+            seen.append(f"{rel}: missing")
+            continue
+        with open(path) as f:
+            n = f.read().count(m.old)
+        if n == 1:
+            return path
+        seen.append(f"{rel}: {n} occurrences")
+    raise AssertionError(f"mutant {m.name}: {m.old!r} is not in any candidate file exactly once ({'; '.join(seen)}): "
+                         "the code changed -- retarget this row of MUTANTS so it plants the same bug")
+
+
 def apply(root: str, m: Mutant) -> None:
-    path = os.path.join(root, m.file)
-    if not os.path.exists(path):
-        raise AssertionError(f"mutant {m.name}: {m.file} does not exist (moved?): retarget this row of MUTANTS")
+    path = target(root, m)
     with open(path) as f:
         text = f.read()
-    n = text.count(m.old)
-    if n != 1:
-        raise AssertionError(f"mutant {m.name}: expected exactly one occurrence of {m.old!r} in {m.file}, found {n}: "
-                             "the code changed -- retarget this row of MUTANTS so it plants the same bug")
     with open(path, "w") as f:
         f.write(text.replace(m.old, m.new))
 
@@ -121,9 +139,7 @@ def check(names=None, verbose=True) -> dict:
         os.makedirs(base)
         _copy_repo(base)
         for m in chosen:  # every pattern must match before anything runs
-            text = open(os.path.join(base, m.file)).read() if os.path.exists(os.path.join(base, m.file)) else ""
-            if text.count(m.old) != 1:
-                apply(base, m)  # raises with the explanation
+            target(base, m)
         union = sorted({t for m in chosen for t in m.tests})
         rc, secs, out = run_tests(base, union)
         if verbose:
@@ -145,7 +161,7 @@ def check(names=None, verbose=True) -> dict:
 def main(argv) -> int:
     if "--list" in argv:
         for m in MUTANTS:
-            print(f"{m.name:18s} {m.file}: {m.why}\n{'':18s} tests: {', '.join(m.tests)}")
+            print(f"{m.name:18s} {' | '.join(m.file)}: {m.why}\n{'':18s} tests: {', '.join(m.tests)}")
         return 0
     results = check([a for a in argv if not a.startswith("-")] or None)
     bad = {k: v for k, v in results.items() if v != "caught"}
