@@ -7,7 +7,7 @@ into tensors by a seeded torch.Generator. Sizes stay small: the Triton interpret
 """
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from vexpert_kernels import RoutingPlan, VisualExpertConfig, build_position_ids
@@ -33,8 +33,9 @@ CONFIGS = {
                             image_attention="bidirectional", language_qkv_bias=True, vision_qkv_bias=False),
     "hd8_gqa": dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, intermediate_size=40),
 }
-TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
-GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+# fp32: a few x the observed worst case (outputs <= ~1e-7, weight grads <= ~3e-7 over these examples)
+TOL = {torch.float32: 1e-6, torch.bfloat16: 2e-2}
+GRAD_TOL = {torch.float32: 2e-6, torch.bfloat16: 5e-2}
 
 
 def make_pair(cfg, dtype, backend, seed):
@@ -121,8 +122,18 @@ block_case = dict(
 )
 
 
-@fuzz_settings(6, shrink=False)
-@given(**block_case)
+# Triton cases draw L >= 2: L == 1 takes the dense language path (no Triton kernel at all)
+triton_case = dict(block_case, L=st.integers(2, 40))
+
+
+# pinned edge cases (Phase.explicit runs them first, every run): right padding (a missing key mask is invisible there,
+# but padded rows and the row end are not); an empty vision expert at L > 1; several images with left padding across
+# three attention tiles; an image at both row ends
+@fuzz_settings(3, shrink=False)
+@example(seed=11, cfg_name="gqa_vbias", B=2, L=21, pad="right", layout="image_at_ends")
+@example(seed=12, cfg_name="mha_nobias", B=1, L=9, pad="none", layout="all_text_row")
+@example(seed=13, cfg_name="odd48_mqa", B=2, L=37, pad="left", layout="random")
+@given(**triton_case)
 def test_fuzz_block_fp32_triton(seed, cfg_name, B, L, pad, layout):
     check_block(seed, cfg_name, torch.float32, "auto", B, L, pad, layout)
 
@@ -133,8 +144,9 @@ def test_fuzz_block_fp32_torch(seed, cfg_name, B, L, pad, layout, pos_offset, ro
     check_block(seed, cfg_name, torch.float32, "torch", B, L, pad, layout, pos_offset, rope_bf16)
 
 
-@fuzz_settings(3, shrink=False)
-@given(**block_case)
+@fuzz_settings(1, shrink=False)
+@example(seed=21, cfg_name="bidir", B=2, L=19, pad="right", layout="random")
+@given(**triton_case)
 def test_fuzz_block_bf16_triton(seed, cfg_name, B, L, pad, layout):
     check_block(seed, cfg_name, torch.bfloat16, "auto", B, L, pad, layout)
 
@@ -146,7 +158,7 @@ def test_fuzz_block_bf16_torch(seed, cfg_name, B, L, pad, layout):
 
 
 @fuzz_settings(2, shrink=False)
-@given(**block_case)
+@given(**triton_case)
 def test_fuzz_block_triton_explicit_position_ids(seed, cfg_name, B, L, pad, layout):
     # explicit (offset) position ids through the Triton QKV+RoPE epilogue, with the bf16 position quirk
     check_block(seed, cfg_name, torch.float32, "auto", B, L, pad, layout, pos_offset=300, rope_bf16=True)
@@ -231,7 +243,9 @@ def test_fuzz_packed_plan_matches_per_sequence_plans(seed, lens):
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
-@fuzz_settings(3, shrink=False)
+@fuzz_settings(1, shrink=False)
+@example(seed=31, cfg_name="bidir", lens=[6, 11, 4])                # several sequences, bidirectional varlen
+@example(seed=32, cfg_name="odd48_mha_bidir", lens=[9, 1, 7])       # a length-1 sequence between two
 @given(seed=st.integers(0, 2**31 - 1), cfg_name=st.sampled_from(sorted(CONFIGS)),
        lens=st.lists(st.integers(1, 12), min_size=1, max_size=3))
 def test_fuzz_packed_block_matches_per_sequence_reference(backend, seed, cfg_name, lens):
@@ -266,7 +280,9 @@ def test_packed_plan_rejects_padding_mask_and_cache():
 
 
 # ----------------------------------------------------------------------------------------- varlen attention
-@fuzz_settings(5)
+@fuzz_settings(3)
+@example(seed=41, lens=[0, 17, 5, 20], heads=(4, 2), hd=16, bidir=True, extra_k=0)   # bidirectional, multi-tile
+@example(seed=42, lens=[3, 18], heads=(2, 1), hd=8, bidir=False, extra_k=2)           # Lk > Lq per sequence
 @given(seed=st.integers(0, 2**31 - 1), lens=st.lists(st.integers(0, 20), min_size=1, max_size=4),
        heads=st.sampled_from([(2, 1), (2, 2), (4, 2)]), hd=st.sampled_from([8, 16]),
        bidir=st.booleans(), extra_k=st.integers(0, 3))

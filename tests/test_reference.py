@@ -251,3 +251,39 @@ def test_bad_inputs():
         VisualExpertConfig.tiny(hidden_size=0)
     with pytest.raises(ValueError, match="image_attention"):
         VisualExpertConfig.tiny(image_attention="full")
+
+
+def test_reference_is_independent_of_the_code_under_test():
+    """The oracle imports nothing from routing.py or ops/: a bug planted there cannot move the reference too."""
+    import ast
+    import vexpert_kernels.reference as reference_module
+
+    tree = ast.parse(open(reference_module.__file__).read())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            imported.add(("." * node.level) + (node.module or ""))
+            imported.update(f"{node.module}.{a.name}" for a in node.names if node.module)
+        elif isinstance(node, ast.Import):
+            imported.update(a.name for a in node.names)
+    assert not any("routing" in m or m.startswith((".ops", "vexpert_kernels.ops")) or m == "." for m in imported), \
+        imported
+
+
+def test_reference_rules_match_the_token_loop():
+    """The reference's expert rule and position ids vs the per-token loop above, on random layouts and padding."""
+    from vexpert_kernels.reference import spec_position_ids, vision_expert_mask
+    from vexpert_kernels.testing import random_token_types
+
+    g = torch.Generator().manual_seed(5)
+    for L in (1, 2, 3, 7, 19):
+        tt = random_token_types(4, L, images_per_row=(0, 3), image_len=(1, 6), generator=g)
+        tt[0] = 1
+        keep = torch.ones(4, L, dtype=torch.bool)
+        keep[1, :L // 2] = False          # left padding
+        keep[2, L - L // 3:] = False      # right padding
+        pos, vis = spec_position_ids(tt, keep), vision_expert_mask(tt)
+        for b in range(4):
+            types = tt[b].tolist()
+            assert pos[b].tolist() == loop_positions(types, keep[b].tolist()), (types, keep[b].tolist())
+            assert vis[b].tolist() == [types[i] == 1 and i + 1 < L and types[i + 1] == 1 for i in range(L)]

@@ -2,6 +2,10 @@
 
 Same parameter names, state-dict keys and forward signature as HF's ``CogVLMDecoderLayer``. Routing uses boolean-mask
 gather/scatter exactly like the public code. Deliberately simple: every kernel in this package is tested against it.
+
+Independent of the code under test: the expert rule, the position ids, RoPE, the attention mask and the input checks
+are written here from the spec, and nothing is imported from ``routing.py`` or ``ops/`` -- a bug planted in the
+library's RoutingPlan or kernels cannot also move the oracle.
 """
 from __future__ import annotations
 
@@ -13,9 +17,38 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisualExpertConfig
-from .routing import expert_vision_mask
-from .validation import check_forward_args as _check_forward_args
-from .validation import default_position_ids
+from .validation import check_forward_args as _check_forward_args  # input checks only (no routing rules)
+
+LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE = 0, 1  # spec: per-token types in token_type_ids
+
+
+def vision_expert_mask(token_type_ids: torch.Tensor) -> torch.Tensor:
+    """Spec expert rule (HF ``get_expert_mask``): vision iff this AND the next token are vision tokens, so eoi and a
+    vision token last in its row use the language expert."""
+    tt = token_type_ids
+    vision = torch.zeros_like(tt, dtype=torch.bool)
+    vision[:, :-1] = (tt[:, :-1] == VISION_TOKEN_TYPE) & (tt[:, 1:] == VISION_TOKEN_TYPE)
+    return vision
+
+
+def spec_position_ids(token_type_ids: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Spec position ids (HF ``build_position_ids``), written out from COGVLM_SPEC.md: masked positions count as type
+    -1; boi/eoi (a vision token with a language token, or the row edge, before/after it) are relabelled language;
+    ``y[:, 0] = 0``, ``y[:, j] = t_j is language or (t_j is vision and t_{j-1} is language)``; cumsum.
+    So bos 0, boi 1, all patches 2, eoi 3, text 4, 5, ..."""
+    LANG, VIS = LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
+    t = token_type_ids.clone()
+    if keep is not None:
+        t[~keep.bool()] = -1
+    boi_eoi = torch.zeros_like(t, dtype=torch.bool)
+    boi_eoi[:, 1:] |= (t[:, 1:] == VIS) & (t[:, :-1] == LANG)
+    boi_eoi[:, 0] |= t[:, 0] == VIS
+    boi_eoi[:, :-1] |= (t[:, :-1] == VIS) & (t[:, 1:] == LANG)
+    boi_eoi[:, -1] |= t[:, -1] == VIS
+    t[boi_eoi] = LANG
+    y = torch.zeros_like(t, dtype=torch.long)
+    y[:, 1:] = (t[:, 1:] == LANG) | ((t[:, 1:] == VIS) & (t[:, :-1] == LANG))
+    return y.cumsum(-1)
 
 
 class RMSNorm(nn.Module):
@@ -49,7 +82,7 @@ class MLP(nn.Module):
 
 def get_expert_mask(token_type_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(vision_mask, language_mask) with the HF rule (eoi and a row's last token use the language expert)."""
-    vision = expert_vision_mask(token_type_ids)
+    vision = vision_expert_mask(token_type_ids)
     return vision, ~vision
 
 
@@ -159,8 +192,8 @@ class VisionExpertAttention(nn.Module):
         self.language_expert_query_key_value = nn.Linear(self.hidden_size, qkv, bias=config.language_qkv_bias)
         self.language_expert_dense = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
 
-    def forward(self, hidden_states, token_type_ids, position_ids, attention_mask=None, past_key_value=None,
-                output_attentions=False, use_cache=False):
+    def qkv_rope(self, hidden_states, token_type_ids, position_ids):
+        """Routed QKV projection, split into heads, RoPE on q and k -> q [B, H, L, hd], k and v [B, KV, L, hd]."""
         B, L, _ = hidden_states.shape
         H, KV, hd = self.num_heads, self.num_key_value_heads, self.head_dim
         qkv = _route(hidden_states, token_type_ids, self.vision_expert_query_key_value,
@@ -170,7 +203,13 @@ class VisionExpertAttention(nn.Module):
         k = k.view(B, L, KV, hd).transpose(1, 2)
         v = v.view(B, L, KV, hd).transpose(1, 2)
         cos, sin = self.rotary_emb.cos_sin(position_ids, q.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(self, hidden_states, token_type_ids, position_ids, attention_mask=None, past_key_value=None,
+                output_attentions=False, use_cache=False):
+        B, L, _ = hidden_states.shape
+        H, hd = self.num_heads, self.head_dim
+        q, k, v = self.qkv_rope(hidden_states, token_type_ids, position_ids)
         if past_key_value is not None:
             k = torch.cat([past_key_value[0], k], dim=2)
             v = torch.cat([past_key_value[1], v], dim=2)
@@ -180,15 +219,33 @@ class VisionExpertAttention(nn.Module):
             spans = spans * (attention_mask[:, -L:] != 0)
         bias = attention_bias(attention_mask, B, L, k.shape[2], torch.float32 if q.dtype != torch.float64
                               else torch.float64, q.device, spans)
-        k_full = k.repeat_interleave(H // KV, dim=1)
-        v_full = v.repeat_interleave(H // KV, dim=1)
-        compute = bias.dtype
-        scores = (q.to(compute) @ k_full.to(compute).transpose(-1, -2)) / math.sqrt(hd) + bias
-        probs = scores.softmax(-1)
-        ctx = (probs @ v_full.to(compute)).to(q.dtype)
+        ctx = attend(q, k, v, bias)
         ctx = ctx.transpose(1, 2).reshape(B, L, H * hd)
         out = _route(ctx, token_type_ids, self.vision_expert_dense, self.language_expert_dense, self.hidden_size)
         return out, None, present
+
+
+def attend(q, k, v, bias):
+    """Eager softmax attention in ``bias``'s dtype: q [B, H, L, hd], k/v [B, KV, Lk, hd] (GQA: each KV head serves
+    H/KV query heads), bias additive [B, 1, L, Lk] -> [B, H, L, hd] in q's dtype. Scale 1/sqrt(hd)."""
+    H, KV, hd = q.shape[1], k.shape[1], q.shape[-1]
+    k_full = k.repeat_interleave(H // KV, dim=1)
+    v_full = v.repeat_interleave(H // KV, dim=1)
+    compute = bias.dtype
+    scores = (q.to(compute) @ k_full.to(compute).transpose(-1, -2)) / math.sqrt(hd) + bias
+    probs = scores.softmax(-1)
+    return (probs @ v_full.to(compute)).to(q.dtype)
+
+
+def default_position_ids(token_type_ids, attention_mask, past_key_value):
+    """HF rule when no position ids are given; a chunk after a KV cache cannot know its positions, so it must pass them."""
+    if past_key_value is not None:
+        raise ValueError("position_ids is required with past_key_value: image tokens compress positions, so a chunk "
+                         "after a cache cannot infer its own (pass last_position + 1, ...)")
+    keep = None
+    if attention_mask is not None and attention_mask.dim() == 2:
+        keep = attention_mask[:, -token_type_ids.shape[1]:] != 0
+    return spec_position_ids(token_type_ids, keep)
 
 
 class VisualExpertBlock(nn.Module):

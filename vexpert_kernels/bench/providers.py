@@ -9,8 +9,13 @@ Providers (layer / sweep cases):
                                    timed on CPU cases only, and used on GPU for the correctness check;
   slices_eager / slices_compiled   permuted slices (``baselines.slices_layer``) eager / ``torch.compile(dynamic=True)``;
   dense                            a Llama layer with one weight set (``baselines.dense_layer``).
-Every provider's forward output is compared with the reference output (float64 rel. error in the record).
-Decode cases: hf_eager, vexpert[...], dense (slices == dense when every token is language).
+Every provider's forward output is checked against the reference output BEFORE it is timed (``measure``): the
+float64 relative error goes in the record, and above ``check_tolerance(dtype, device)`` the record is an error
+("wrong result ... not timed"), which fails the benchmark -- a fast wrong kernel is never reported as a result.
+In fwd+bwd mode the provider's forward is run once more without grad for the check. Ceilings that compute a
+different function by design (``dense`` on image cases: one weight set; ``dense_gemm``, ``copy`` in the op suite)
+get their error recorded, not checked.
+Decode cases: hf_eager, vexpert[...], dense (slices == dense when every token is language; dense is checked there).
 """
 from __future__ import annotations
 
@@ -33,6 +38,28 @@ class Provider:
     grads: list = field(default_factory=list)
     skip: Optional[str] = None
     backend: Optional[str] = None
+    ref_out: Optional[torch.Tensor] = None  # the reference output to check against (else measure's ref_out)
+    check_fn: Optional[Callable] = None     # () -> output, for providers whose fn returns None (fwd+bwd)
+    ceiling: bool = False                   # computes a different function by design: error recorded, not checked
+
+
+# op-suite ceilings (vexpert_kernels.bench.opbench): one dense GEMM / a plain copy, not the routed op
+CEILING_PROVIDERS = frozenset({"dense_gemm", "copy"})
+# output vs reference, relative (float64 norm). Low precision: both sides round at every op (bf16 unit roundoff
+# 2^-8); observed layer errors are ~5e-3 in bf16, ~1e-7 in fp32 on CPU, ~1e-3 in fp32 on CUDA (TF32 tensor cores).
+# A flipped RoPE sign gives ~0.2, a dropped vision bias ~3e-2 (tiny shapes).
+_CHECK_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+
+
+def check_tolerance(dtype: torch.dtype, device) -> float:
+    """Largest accepted relative error of a provider's output (env VEXPERT_BENCH_CHECK_TOL overrides)."""
+    env = os.environ.get("VEXPERT_BENCH_CHECK_TOL")
+    if env:
+        return float(env)
+    tol = _CHECK_TOL.get(dtype, 2e-2)
+    if dtype == torch.float32 and torch.device(device).type == "cuda":
+        tol = 5e-3  # fp32 GEMMs / tl.dot may use TF32 (10-bit mantissa) on the GPU
+    return tol
 
 
 def vexpert_backends(device) -> list:
@@ -69,6 +96,7 @@ class LayerSetup:
     def __init__(self, case: Case, device, dtype, seed: int = 0):
         from ..routing import RoutingPlan
         self.case, self.device, self.dtype = case, torch.device(device), dtype
+        self._ref_out = None  # reference output, computed once (reference_output)
         self.cfg = case.config
         key = (case.model, str(dtype), str(self.device), seed)
         if key not in _PARAMS:  # one weight set at a time, reused across the cases of a model
@@ -127,25 +155,35 @@ class LayerSetup:
         return out
 
     def reference_output(self):
+        if self._ref_out is not None:
+            return self._ref_out
         with torch.no_grad():
             if self.case.kind == "decode":
-                return self.ref(self.x, self.tt, self.pos, past_key_value=self.past)[0]
-            return self.ref(self.x, self.tt, self.pos)[0]
+                self._ref_out = self.ref(self.x, self.tt, self.pos, past_key_value=self.past)[0]
+                return self._ref_out
+            self._ref_out = self.ref(self.x, self.tt, self.pos)[0]
+            return self._ref_out
 
     def provider(self, name: str, forward, mode: str, skip=None, backend=None) -> Provider:
+        """A timed closure over this case's inputs, carrying the reference output it is checked against first."""
         if skip is not None or forward is None:
             return Provider(name, skip=skip or "skipped", backend=backend)
+        if self._ref_out is None:
+            self._ref_out = self.reference_output()
+        ceiling = name == "dense" and self.case.kind != "decode"  # one weight set: not the routed layer
+
+        def fwd_only():
+            with torch.no_grad():
+                return forward(self.x)
         if mode in ("fwd", "decode"):
-            def fn():
-                with torch.no_grad():
-                    return forward(self.x)
-            return Provider(name, fn, backend=backend)
+            return Provider(name, fwd_only, backend=backend, ref_out=self._ref_out, ceiling=ceiling)
         xg = self.x.detach().clone().requires_grad_(True)
         params = [t for t in self.params.values() if t.requires_grad]
 
         def fn():
             forward(xg).backward(self.dy)
-        return Provider(name, fn, grads=[xg] + params, backend=backend)
+        return Provider(name, fn, grads=[xg] + params, backend=backend, ref_out=self._ref_out, check_fn=fwd_only,
+                        ceiling=ceiling)
 
 
 def rel_err(out, ref) -> float:
@@ -155,18 +193,41 @@ def rel_err(out, ref) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
+def check_output(provider: Provider, out, ref_out, device) -> tuple:
+    """Compare a provider's output with the reference -> (rel_err or None if unchecked, None if right else why)."""
+    if ref_out is None:
+        return None, None
+    if not isinstance(out, torch.Tensor):
+        out = provider.check_fn() if provider.check_fn is not None else None
+    if not isinstance(out, torch.Tensor):
+        return None, None
+    if tuple(out.shape) != tuple(ref_out.shape):
+        return None, f"wrong result: output shape {tuple(out.shape)} != reference {tuple(ref_out.shape)} (not timed)"
+    err = rel_err(out, ref_out)
+    tol = check_tolerance(out.dtype, device)
+    if provider.ceiling or provider.name in CEILING_PROVIDERS or err <= tol:
+        return err, None
+    return err, f"wrong result: rel_err {err:.3g} > {tol:.3g} vs the reference (not timed)"
+
+
 def measure(provider: Provider, *, device, flops: Optional[int], base: dict, ref_out=None,
             rep_ms: float = 100, warmup_ms: float = 25) -> dict:
-    """Time one provider -> record (status ok / skipped / error; never raises)."""
+    """Check one provider's output against the reference, then time it -> record (status ok / skipped / error;
+    never raises). ``ref_out`` defaults to ``provider.ref_out``; a wrong output is an error record, never timed."""
     rec = dict(base, provider=provider.name, backend=provider.backend, flops=flops)
     if provider.skip:
         rec.update(status="skipped", reason=provider.skip)
         return rec
+    ref_out = ref_out if ref_out is not None else provider.ref_out
     try:
         out = provider.fn()  # first call: compile / autotune / warm caches, outside the timing
-        if ref_out is not None and isinstance(out, torch.Tensor):
-            rec["rel_err"] = rel_err(out, ref_out)
+        err, wrong = check_output(provider, out, ref_out, device)
         del out
+        if err is not None:
+            rec["rel_err"] = err
+        if wrong is not None:
+            rec.update(status="error", reason=wrong)
+            return rec
         ms = median_ms(provider.fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms, grad_to_none=provider.grads or None)
         for t in provider.grads:
             t.grad = None
