@@ -1,0 +1,258 @@
+"""Public API: ``mixed_attention`` (padded) and ``mixed_attention_varlen`` (packed), their checks."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vexpert_kernels.ops.flash_attention import flash_attention
+
+from .backends import (_flash_attn_backend, _flex_attention, _math_attention, _sdpa_attention, _xformers_backend,
+                       attention_keep_mask)
+from .dispatch import _VARLEN_PARAMS, BACKENDS, _Request, _select_backend, _unsupported_reason
+
+IMAGE_ATTENTION_MODES = ("causal", "bidirectional")
+
+
+# ------------------------------------------------------------------------------------------------- validation
+def _check_tensor(name, t, dims):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_qkv(q, k, v, varlen):
+    dims = 3 if varlen else 4
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, dims)
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.device != k.device or q.device != v.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    hd_axis, h_axis = -1, (1 if varlen else 1)
+    if q.shape[hd_axis] != k.shape[hd_axis]:
+        raise ValueError(f"q and k must share the head dim, got {q.shape[-1]} and {k.shape[-1]}")
+    H, KV = q.shape[h_axis], k.shape[h_axis]
+    if KV == 0 or H % KV != 0:
+        raise ValueError(f"the number of query heads ({H}) must be a multiple of the kv heads ({KV}) (GQA)")
+    if not varlen:
+        if q.shape[0] != k.shape[0]:
+            raise ValueError(f"q and k must share the batch size, got {q.shape[0]} and {k.shape[0]}")
+        if k.shape[2] < q.shape[2]:
+            raise ValueError(f"need Lk >= Lq (queries are the last Lq key positions), got Lq={q.shape[2]}, "
+                             f"Lk={k.shape[2]}")
+
+
+def _check_mode(image_attention):
+    if image_attention not in IMAGE_ATTENTION_MODES:
+        raise ValueError(f"image_attention must be one of {IMAGE_ATTENTION_MODES}, got {image_attention!r}")
+
+
+def _check_span(name, span, shape, device):
+    if span is None:
+        return None
+    if not isinstance(span, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(span).__name__}")
+    if span.is_floating_point() or span.is_complex() or span.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {span.dtype}")
+    if tuple(span.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(span.shape)}")
+    if span.device != device:
+        raise ValueError(f"{name} is on {span.device} but q is on {device}")
+    return span
+
+
+def _needs_grad(q, k, v) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
+def _default_scale(softmax_scale, hd):
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(hd)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0:
+        raise ValueError(f"softmax_scale must be a positive float or None, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+# ------------------------------------------------------------------------------------------------- public API
+def _resolve_padded(q, k, v, plan, key_padding_mask, image_span_ids, image_attention, attn_bias, softmax_scale,
+                    return_lse):
+    """Validate a padded-layout request, apply the plan's defaults; -> (key_padding_mask, spans, bidir, scale, req)."""
+    _check_qkv(q, k, v, varlen=False)
+    _check_mode(image_attention)
+    B, H, Lq, hd = q.shape
+    KV, Lk = k.shape[1], k.shape[2]
+    if plan is not None and Lk == plan.seq_len and B == plan.batch_size:
+        if key_padding_mask is None:
+            key_padding_mask = plan.attention_mask
+        if image_span_ids is None and image_attention == "bidirectional":
+            image_span_ids = plan.image_span_ids[:, Lk - Lq:]
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"key_padding_mask must be a bool torch.Tensor or None, got "
+                            f"{type(key_padding_mask).__name__}")
+        if tuple(key_padding_mask.shape) != (B, Lk):
+            raise ValueError(f"key_padding_mask must have shape [B={B}, Lk={Lk}], got "
+                             f"{tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+        if key_padding_mask.dtype != torch.bool:
+            key_padding_mask = key_padding_mask != 0
+    image_span_ids = _check_span("image_span_ids", image_span_ids, (B, Lq), q.device)
+    bidir = image_attention == "bidirectional" and image_span_ids is not None
+    if attn_bias is not None:
+        if not isinstance(attn_bias, torch.Tensor) or not attn_bias.is_floating_point():
+            raise TypeError("attn_bias must be a floating-point torch.Tensor (additive mask) or None")
+        try:
+            torch.broadcast_shapes(attn_bias.shape, (B, H, Lq, Lk))
+        except RuntimeError:
+            raise ValueError(f"attn_bias of shape {tuple(attn_bias.shape)} does not broadcast to "
+                             f"[B, H, Lq, Lk] = {(B, H, Lq, Lk)}") from None
+    scale = _default_scale(softmax_scale, hd)
+    req = _Request(device=q.device.type, dtype=q.dtype, head_dim=hd, gqa=H != KV, kv_offset=Lk > Lq,
+                   padding=key_padding_mask is not None, bidir=bidir, bias=attn_bias is not None,
+                   need_lse=bool(return_lse), varlen=False, grad=_needs_grad(q, k, v))
+    return key_padding_mask, image_span_ids, bidir, scale, req
+
+
+def attention_backend_reason(backend, q, k, v, plan=None, *, key_padding_mask=None, image_span_ids=None,
+                             image_attention="causal", attn_bias=None, softmax_scale=None, return_lse=False):
+    """None if ``mixed_attention(q, k, v, plan, ..., backend=backend)`` can run with exactly these semantics, else
+    the reason it would raise (for benchmarks and callers that want to skip instead of catching ValueError)."""
+    req = _resolve_padded(q, k, v, plan, key_padding_mask, image_span_ids, image_attention, attn_bias, softmax_scale,
+                          return_lse)[-1]
+    if backend not in BACKENDS:
+        return f"backend must be one of {BACKENDS}, got {backend!r}"
+    return _unsupported_reason(backend, req)
+
+
+def mixed_attention(q, k, v, plan=None, *, key_padding_mask=None, image_span_ids=None, image_attention="causal",
+                    attn_bias=None, softmax_scale=None, return_lse=False, backend="auto"):
+    """Causal attention for mixed image/text sequences.
+
+    Args:
+        q: [B, H, Lq, hd]; k, v: [B, KV, Lk, hd] with H % KV == 0 (GQA, K/V never repeated in memory for
+            triton/sdpa/flex) and Lk >= Lq: query i sits at key position Lk - Lq + i (bottom-right causal).
+        plan: optional RoutingPlan; if Lk == plan.seq_len, key_padding_mask defaults to plan.attention_mask and
+            image_span_ids to the last Lq columns of plan.image_span_ids.
+        key_padding_mask: bool [B, Lk] keep mask (True = real key).
+        image_span_ids: int [B, Lq]: 0 outside images, equal nonzero ids on one contiguous image span.
+        image_attention: "causal" (default) or "bidirectional" (tokens of one image span see each other fully).
+        attn_bias: additive float mask broadcastable to [B, H, Lq, Lk]; replaces causal/padding/span semantics
+            (the caller's mask is the whole truth). sdpa and math only.
+        softmax_scale: default 1/sqrt(hd). return_lse: also return lse fp32 [B, H, Lq] (natural log; -inf on rows
+            with no visible key, whose output is 0). backend: "auto" or one of BACKENDS.
+    Returns:
+        out [B, H, Lq, hd] (q's dtype), or (out, lse).
+    """
+    key_padding_mask, image_span_ids, bidir, scale, req = _resolve_padded(
+        q, k, v, plan, key_padding_mask, image_span_ids, image_attention, attn_bias, softmax_scale, return_lse)
+    B, H, Lq, hd = q.shape
+    Lk = k.shape[2]
+    name = _select_backend(backend, req)
+
+    if name == "triton":
+        out, lse = flash_attention(q, k, v, key_padding_mask=key_padding_mask, image_span_ids=image_span_ids,
+                                   bidirectional=bidir, softmax_scale=scale)
+        return (out, lse) if return_lse else out
+    if name == "flex":
+        return _flex_attention(q, k, v, key_padding_mask, image_span_ids, bidir, scale, return_lse)
+    if name == "flash_attn":
+        return _flash_attn_backend(q, k, v, scale)
+    if name == "xformers":
+        return _xformers_backend(q, k, v, scale)
+    simple_causal = Lq == Lk and key_padding_mask is None and not bidir
+    if attn_bias is not None:
+        keep = None
+    elif Lq == 1 and key_padding_mask is None and name == "sdpa":
+        keep = None  # decode: the single query sees every key
+    else:
+        keep = attention_keep_mask(B, Lq, Lk, q.device, key_padding_mask, image_span_ids, bidir)
+    if name == "sdpa":
+        return _sdpa_attention(q, k, v, None if simple_causal else keep, attn_bias, scale, simple_causal)
+    return _math_attention(q, k, v, keep, attn_bias, scale, return_lse)
+
+
+def _check_cu(name, cu, device):
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2 or cu.is_floating_point() \
+            or cu.dtype == torch.bool:
+        raise ValueError(f"{name} must be a 1-D integer tensor [S+1] of cumulative sequence lengths")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+
+
+def mixed_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, image_span_ids=None,
+                           image_attention="causal", softmax_scale=None, return_lse=False, backend="auto"):
+    """Packed (varlen) variant: q [total_q, H, hd], k/v [total_k, KV, hd], cu_seqlens_q/k int [S+1].
+
+    Sequence s has queries cu_seqlens_q[s]:cu_seqlens_q[s+1] and keys cu_seqlens_k[s]:cu_seqlens_k[s+1], with
+    bottom-right causal alignment per sequence (len_k >= len_q). image_span_ids: int [total_q] (spans never cross
+    sequences). Returns out [total_q, H, hd], or (out, lse fp32 [H, total_q]) as flash-attn does.
+    """
+    _check_qkv(q, k, v, varlen=True)
+    _check_mode(image_attention)
+    _check_cu("cu_seqlens_q", cu_seqlens_q, q.device)
+    _check_cu("cu_seqlens_k", cu_seqlens_k, q.device)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+    for name, val in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {val!r}")
+    image_span_ids = _check_span("image_span_ids", image_span_ids, (q.shape[0],), q.device)
+    bidir = image_attention == "bidirectional" and image_span_ids is not None
+    total_q, H, hd = q.shape
+    scale = _default_scale(softmax_scale, hd)
+    req = _Request(device=q.device.type, dtype=q.dtype, head_dim=hd, gqa=H != k.shape[1], kv_offset=True,
+                   padding=False, bidir=bidir, bias=False, need_lse=bool(return_lse), varlen=True,
+                   grad=_needs_grad(q, k, v), custom_scale=abs(scale - 1.0 / math.sqrt(hd)) > 1e-12)
+    name = _select_backend(backend, req)
+    if name == "triton":
+        out, lse = flash_attention(q, k, v, image_span_ids=image_span_ids, bidirectional=bidir, softmax_scale=scale,
+                                   cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                                   max_seqlen_k=max_seqlen_k)
+        return (out, lse) if return_lse else out
+    if name == "varlen":
+        from torch.nn.attention.varlen import varlen_attn
+
+        kw = {"window_size": (-1, 0)} if "window_size" in _VARLEN_PARAMS else {"is_causal": True}
+        if H != k.shape[1]:
+            kw["enable_gqa"] = True
+        if "scale" in _VARLEN_PARAMS:
+            kw["scale"] = scale
+        return varlen_attn(q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), max_seqlen_q,
+                           max_seqlen_k, **kw)
+    if name == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func(q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
+                                      max_seqlen_q, max_seqlen_k, softmax_scale=scale, causal=True)
+    # sdpa / math: one padded call per sequence (host sync for the lengths: reference paths)
+    cq = cu_seqlens_q.tolist()
+    ck = cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for s in range(len(cq) - 1):
+        qs = q[cq[s]:cq[s + 1]].transpose(0, 1).unsqueeze(0)
+        ks = k[ck[s]:ck[s + 1]].transpose(0, 1).unsqueeze(0)
+        vs = v[ck[s]:ck[s + 1]].transpose(0, 1).unsqueeze(0)
+        if ks.shape[2] < qs.shape[2]:
+            raise ValueError(f"sequence {s}: need len_k >= len_q, got {qs.shape[2]} > {ks.shape[2]}")
+        if qs.shape[2] == 0:
+            outs.append(q.new_zeros(0, H, hd))
+            lses.append(torch.zeros(H, 0, dtype=torch.float32, device=q.device))
+            continue
+        span = image_span_ids[cq[s]:cq[s + 1]].unsqueeze(0) if bidir else None
+        res = mixed_attention(qs, ks, vs, image_span_ids=span, image_attention=image_attention,
+                              softmax_scale=scale, return_lse=return_lse, backend=name)
+        if return_lse:
+            res, lse = res
+            lses.append(lse[0])
+        outs.append(res[0].transpose(0, 1))
+    out = torch.cat(outs, 0)
+    return (out, torch.cat(lses, 1)) if return_lse else out
+

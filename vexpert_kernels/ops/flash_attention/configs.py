@@ -1,0 +1,59 @@
+"""Tile configs of our attention kernels: data with provenance (card, Triton version, registers/spills)."""
+from __future__ import annotations
+
+import torch
+
+from vexpert_kernels._triton_compat import HAS_TRITON, triton
+
+# ----------------------------------------------------------------------------------------------------------- configs
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, keyed by (compute capability major, head-dim bucket, masked),
+# where masked = key padding and/or bidirectional image spans (more live registers: span ids, padding vectors).
+# Hopper: 128-query tiles over 8 warps (two wgmma warpgroups) and 2-3 stages of K/V in the 228 KB SMEM; Ampere: the
+# same tiles where they fit 164 KB and 255 registers. dK/dV keeps two [BLOCK_N, D] fp32 accumulators plus K and V of
+# its key tile in registers, so it takes few queries per step. Every entry was chosen as the largest candidate that
+# compiles WITHOUT register spills for sm_90 / sm_80 under BOTH Triton 3.6 (the GPU machines) and 3.9 (CI)
+# (triton.compile + cuobjdump --dump-resource-usage, with the 16-divisible stride hints the JIT uses at run time);
+# aot_compile_specs() lists them all for the compile report. Triton 3.6 allocates a few more registers than 3.9 for
+# the same kernel, and entries that sat at 255 registers under 3.9 spilled 8..40 B there; those were retuned:
+# sm_90 dK/dV at hd 80..128 went 32x128 -> 16x128 (keeps the 128-key tile and its Q/dO reuse; 3.6: 248/238/240 regs,
+# 3.9: 222/232/234 for causal/padded/varlen), sm_80 dK/dV at hd 64 -> 16x64 w8s2, and packed (varlen) bidirectional
+# forward at hd 64 got smaller tiles (sm_90 128x64 w8s3, sm_80 128x64 w8s2).
+_GPU_CONFIGS = {
+    # (cc_major, d_bucket, masked): {"fwd": ..., "dq": ..., "dkdv": ...}; "<kernel>_varlen" overrides for packed input
+    (9, 64, False): {"fwd": (128, 128, 8, 3), "dq": (128, 64, 8, 2), "dkdv": (32, 128, 8, 2)},
+    (9, 64, True): {"fwd": (128, 128, 8, 3), "dq": (128, 64, 8, 2), "dkdv": (32, 128, 8, 2),
+                    "fwd_varlen": (128, 64, 8, 3)},  # 128x128 spills 8 B under Triton 3.6 with cu_seqlens
+    (9, 128, False): {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkdv": (16, 128, 8, 3)},
+    (9, 128, True): {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkdv": (16, 128, 8, 3)},
+    (8, 64, False): {"fwd": (128, 128, 8, 3), "dq": (128, 64, 8, 2), "dkdv": (16, 64, 8, 2)},
+    (8, 64, True): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 2), "dkdv": (16, 64, 8, 2),
+                    "fwd_varlen": (128, 64, 8, 2)},  # 3 stages spill 8 B under Triton 3.6 with cu_seqlens
+    (8, 128, False): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 2), "dkdv": (32, 64, 8, 2)},
+    (8, 128, True): {"fwd": (128, 32, 8, 3), "dq": (64, 32, 4, 2), "dkdv": (32, 64, 8, 2)},
+}
+# rowsum(dO*O): memory bound, one pass; 64 rows x up to 128 dims per program keeps it spill-free on 4 warps.
+_PREPROCESS_CONFIG = (64, 4)
+# The interpreter runs every tile op in numpy: the smallest legal tl.dot tiles keep tests fast.
+_INTERPRET_CONFIG = {"fwd": (16, 16, 4, 1), "dq": (16, 16, 4, 1), "dkdv": (16, 16, 4, 1)}
+
+
+def _d_bucket(block_d: int) -> int:
+    return 64 if block_d <= 64 else 128
+
+
+def _pick(cfgs: dict, kernel: str, varlen: bool) -> tuple:
+    return cfgs.get(kernel + "_varlen", cfgs[kernel]) if varlen else cfgs[kernel]
+
+
+def _configs_for(device: torch.device, block_d: int, masked: bool, varlen: bool = False) -> dict:
+    """{"fwd"|"dq"|"dkdv": (BLOCK_M, BLOCK_N, num_warps, num_stages)} for this device and problem."""
+    if device.type != "cuda":
+        return _INTERPRET_CONFIG
+    major = torch.cuda.get_device_capability(device)[0]
+    cfgs = _GPU_CONFIGS[(9 if major >= 9 else 8, _d_bucket(block_d), bool(masked or varlen))]
+    return {k: _pick(cfgs, k, varlen) for k in ("fwd", "dq", "dkdv")}
+
+
+def _block_d(hd: int) -> int:
+    return max(16, triton.next_power_of_2(hd)) if HAS_TRITON else max(16, 1 << (hd - 1).bit_length())
+

@@ -1,0 +1,134 @@
+"""Launchers: device metadata (``_Prepared``), output allocation, grids, forward and backward launches."""
+from __future__ import annotations
+
+import torch
+
+from vexpert_kernels._triton_compat import interpret_mode, require_triton, triton
+
+from .configs import _PREPROCESS_CONFIG, _block_d, _configs_for
+from .kernels import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel, _attn_fwd_kernel
+from .masks import _kv_range, _varlen_span_bounds, canonical_span_ids, span_bounds
+
+LOG2E = 1.4426950408889634
+# Tests set this to fill every output with NaN before launch, so elements a kernel fails to write show up.
+_POISON_OUTPUTS = False
+
+
+def _new_like(t, shape=None, dtype=None):
+    if shape is None:
+        out = torch.empty_like(t) if dtype is None else torch.empty_like(t, dtype=dtype)
+    else:
+        out = torch.empty(shape, dtype=dtype or t.dtype, device=t.device)
+    return out.fill_(float("nan")) if _POISON_OUTPUTS else out
+
+
+class _Prepared:
+    """Device-side metadata shared by forward and backward launches (no host synchronisation)."""
+
+    def __init__(self, q, k, kpm, span, cu_q, cu_k, max_q, max_k, bidir):
+        self.varlen = cu_q is not None
+        dev = q.device
+        dummy_i32 = torch.zeros(1, dtype=torch.int32, device=dev)
+        if self.varlen:
+            self.B = cu_q.numel() - 1
+            self.H, self.KV = q.shape[1], k.shape[1]
+            self.LQ, self.LK = max_q, max_k
+            self.cu_q, self.cu_k = cu_q.to(torch.int32).contiguous(), cu_k.to(torch.int32).contiguous()
+        else:
+            self.B, self.H, self.LQ = q.shape[0], q.shape[1], q.shape[2]
+            self.KV, self.LK = k.shape[1], k.shape[2]
+            self.cu_q = self.cu_k = dummy_i32
+        self.has_kpm = kpm is not None
+        if self.has_kpm:
+            self.kpm = kpm.to(torch.int8).contiguous()
+            self.kv_lo, self.kv_hi = _kv_range(kpm)
+            self.stride_mb = self.kpm.stride(0)
+        else:
+            self.kpm, self.kv_lo, self.kv_hi, self.stride_mb = dummy_i32, dummy_i32, dummy_i32, 0
+        self.bidir = bool(bidir) and span is not None
+        if self.bidir:
+            if self.varlen:
+                self.span, self.span_start, self.span_end = _varlen_span_bounds(span.reshape(-1), self.cu_q)
+                self.stride_sb = 0
+            else:
+                self.span = canonical_span_ids(span).contiguous()
+                self.span_start, self.span_end = span_bounds(self.span)
+                self.stride_sb = self.span.stride(0)
+        else:
+            self.span = self.span_start = self.span_end = dummy_i32
+            self.stride_sb = 0
+
+    def qstrides(self, t):  # (batch, head, seq) strides of a q/o-like tensor
+        return (0, t.stride(1), t.stride(0)) if self.varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+    def lstrides(self, t):
+        return (0, t.stride(0), t.stride(1)) if self.varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+    def common_constexprs(self, hd, dtype, device):
+        return dict(GROUP=self.H // self.KV, HEAD_DIM=hd, BLOCK_D=_block_d(hd), IS_VARLEN=self.varlen,
+                    HAS_KPM=self.has_kpm, BIDIR=self.bidir, UPCAST=interpret_mode() or device.type != "cuda",
+                    PREC="ieee" if dtype == torch.float32 else "tf32")
+
+
+def _lse_shape(q, varlen):
+    return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[1], q.shape[2])
+
+
+def _fwd_impl(q, k, v, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale, bidir):
+    require_triton("the triton attention backend")
+    pr = _Prepared(q, k, kpm, span, cu_q, cu_k, max_q, max_k, bidir)
+    hd = q.shape[-1]
+    out = _new_like(q)
+    lse = _new_like(q, _lse_shape(q, pr.varlen), torch.float32)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    ce = pr.common_constexprs(hd, q.dtype, q.device)
+    bm, bn, nw, ns = _configs_for(q.device, ce["BLOCK_D"], pr.has_kpm or pr.bidir, pr.varlen)["fwd"]
+    grid = (triton.cdiv(pr.LQ, bm), pr.B * pr.H)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, pr.cu_q, pr.cu_k, pr.kv_lo, pr.kv_hi, pr.kpm, pr.span, pr.span_end,
+        *pr.qstrides(q), *pr.qstrides(k), *pr.qstrides(v), *pr.qstrides(out), *pr.lstrides(lse),
+        pr.stride_mb, pr.stride_sb, pr.H, pr.LQ, pr.LK, softmax_scale * LOG2E,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, **ce)
+    return out, lse
+
+
+def _bwd_impl(do, q, k, v, out, lse, dlse, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale, bidir):
+    require_triton("the triton attention backend")
+    pr = _Prepared(q, k, kpm, span, cu_q, cu_k, max_q, max_k, bidir)
+    hd = q.shape[-1]
+    do = do.contiguous()
+    # preprocess: D = rowsum(dO * O) (fp32), minus dlse so that lse is differentiable too (dS = P (dP - D + dlse))
+    delta = torch.empty_like(lse)
+    if dlse is not None:
+        dlse = dlse.float().contiguous()
+    if q.numel() > 0:
+        bm, nw = _PREPROCESS_CONFIG if q.is_cuda else (16, 4)
+        _attn_bwd_preprocess_kernel[(triton.cdiv(pr.LQ, bm), pr.B * pr.H)](
+            out, do, dlse if dlse is not None else delta, delta, pr.cu_q,
+            *pr.qstrides(out), *pr.qstrides(do), *pr.lstrides(lse), pr.H, pr.LQ,
+            HEAD_DIM=hd, BLOCK_D=_block_d(hd), BLOCK_M=bm, IS_VARLEN=pr.varlen, HAS_DLSE=dlse is not None,
+            num_warps=nw)
+    dq = _new_like(do)  # DQ is written with DO's strides (stride_o*)
+    dk = _new_like(k)  # k/v are dense (see flash_attention): empty_like keeps their strides
+    dv = _new_like(v)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if dk.stride() != k.stride() or dv.stride() != v.stride() or lse.stride() != delta.stride():
+        raise AssertionError("internal: dk/dv must share k/v strides and delta lse's")
+    ce = pr.common_constexprs(hd, q.dtype, q.device)
+    cfg = _configs_for(q.device, ce["BLOCK_D"], pr.has_kpm or pr.bidir, pr.varlen)
+    common = (*pr.qstrides(q), *pr.qstrides(k), *pr.qstrides(v), *pr.qstrides(do), *pr.lstrides(lse), pr.stride_mb,
+              pr.stride_sb)
+    bm, bn, nw, ns = cfg["dq"]
+    _attn_bwd_dq_kernel[(triton.cdiv(pr.LQ, bm), pr.B * pr.H)](
+        q, k, v, do, dq, lse, delta, pr.cu_q, pr.cu_k, pr.kv_lo, pr.kv_hi, pr.kpm, pr.span, pr.span_end,
+        *common, pr.H, pr.LQ, pr.LK, softmax_scale * LOG2E, softmax_scale,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, **ce)
+    bm, bn, nw, ns = cfg["dkdv"]
+    _attn_bwd_dkdv_kernel[(triton.cdiv(pr.LK, bn), pr.B * pr.KV)](
+        q, k, v, do, dk, dv, lse, delta, pr.cu_q, pr.cu_k, pr.kv_lo, pr.kv_hi, pr.kpm, pr.span, pr.span_start,
+        *common, pr.KV, pr.LQ, pr.LK, softmax_scale * LOG2E, softmax_scale,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, **ce)
+    return dq, dk, dv
+
