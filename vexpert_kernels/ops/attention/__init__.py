@@ -15,13 +15,23 @@ spans (the CogVLM paper's ablation). Backends:
   xformers    xformers when installed (CUDA): causal, no padding, no image spans.
   math        float reference on any device (the oracle; materialises scores).
 
-``backend="auto"`` walks a preference table (data, below) and takes the first backend that can serve the request;
-``VEXPERT_ATTENTION_BACKEND`` overrides auto. An explicit backend that cannot serve the request raises — there is
-never a silent fallback to different semantics.
+``backend="auto"``: on CUDA every backend that serves the request competes in ``vexpert_kernels.autotune.select``
+("attention_fwd"; our kernel with 2-3 forward tiles, sdpa, flex, varlen_attn, flash-attn/xformers when installed),
+each checked against the plain PyTorch result; untuned it runs torch's own path (sdpa, else flex, else math). On CPU
+it runs our Triton kernel when the interpreter serves the request (TRITON_INTERPRET=1; how CI tests it), else sdpa,
+else math. Head dims above 128 therefore go to sdpa/flex/math. ``VEXPERT_ATTENTION_BACKEND=<name>`` replaces
+``auto`` (an unknown name raises, naming the variable). An explicit backend that cannot serve the request raises —
+there is never a silent fallback to different semantics. ``last_backend()`` names the path the last call ran.
+
+Bad input raises before any kernel runs (``softmax_scale`` finite and > 0, ``cu_seqlens`` 1-D integers from 0,
+non-decreasing, ending at the row count, no sequence longer than ``max_seqlen``: checked on the host when the
+tensors are on the CPU, on CUDA only with ``VEXPERT_DEBUG=1`` to keep the hot path free of host syncs). The Triton
+kernels are bound-safe for any ``cu_seqlens`` (clamped to the rows on the device), so a bad CUDA one that slips
+through gives wrong rows, never an out-of-bounds access.
 """
 from __future__ import annotations
 
 from .api import (IMAGE_ATTENTION_MODES, attention_backend_reason, mixed_attention,  # noqa: F401
                   mixed_attention_varlen)
 from .backends import attention_keep_mask  # noqa: F401
-from .dispatch import BACKENDS, ENV_VAR, available_attention_backends  # noqa: F401
+from .dispatch import BACKENDS, ENV_VAR, available_attention_backends, last_backend  # noqa: F401

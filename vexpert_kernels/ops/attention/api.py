@@ -5,11 +5,14 @@ import math
 
 import torch
 
-from vexpert_kernels.ops.flash_attention import flash_attention
+from vexpert_kernels.ops.flash_attention import flash_attention, fwd_tune_configs
+
+from vexpert_kernels.validation import check_cu_seqlens, check_positive_finite
 
 from .backends import (_flash_attn_backend, _flex_attention, _math_attention, _sdpa_attention, _xformers_backend,
                        attention_keep_mask)
-from .dispatch import _VARLEN_PARAMS, BACKENDS, _Request, _select_backend, _unsupported_reason
+from .dispatch import (_VARLEN_PARAMS, BACKENDS, TUNE_CANDIDATES, _Request, _select_backend, _unsupported_reason,
+                       record_backend, serving_backends, static_backend, tune_key)
 
 IMAGE_ATTENTION_MODES = ("causal", "bidirectional")
 
@@ -74,9 +77,63 @@ def _needs_grad(q, k, v) -> bool:
 def _default_scale(softmax_scale, hd):
     if softmax_scale is None:
         return 1.0 / math.sqrt(hd)
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0:
-        raise ValueError(f"softmax_scale must be a positive float or None, got {softmax_scale!r}")
-    return float(softmax_scale)
+    return check_positive_finite("softmax_scale", softmax_scale)
+
+
+# ------------------------------------------------------------------------------------------------- auto dispatch
+def triton_name(cfg) -> str:
+    """Stable candidate name of our kernel with forward tile ``cfg`` = (BLOCK_M, BLOCK_N, warps, stages)."""
+    bm, bn, nw, ns = cfg
+    return f"triton:{bm}x{bn}:w{nw}s{ns}"
+
+
+def parse_triton_name(name: str):
+    """Inverse of :func:`triton_name`; plain "triton" -> None (the table's tile)."""
+    if ":" not in name:
+        return None
+    _, tile, ws = name.split(":")
+    bm, bn = tile.split("x")
+    nw, ns = ws[1:].split("s")
+    return (int(bm), int(bn), int(nw), int(ns))
+
+
+def _candidates(req: _Request, run, device, masked: bool) -> dict:
+    """{name: fn} for autotune.select: every backend of TUNE_CANDIDATES that serves ``req`` (our kernel once per
+    tuning tile) plus the static choice; each runs forward only, without autograd."""
+    def nograd(name):
+        def fn():
+            with torch.no_grad():
+                return run(name)
+        return fn
+
+    names = []
+    for b in serving_backends(req, TUNE_CANDIDATES):
+        if b == "triton":
+            names += [triton_name(c) for c in fwd_tune_configs(device, max(16, 1 << (req.head_dim - 1).bit_length()),
+                                                               masked, req.varlen)]
+        else:
+            names.append(b)
+    static = static_backend(req)
+    if static not in names:
+        names.append(static)
+    return {n: nograd(n) for n in names}
+
+
+def _dispatch(backend, req: _Request, key: tuple, run, masked: bool, device=None):
+    """Resolve ``backend`` (auto: tune on CUDA), record it (``last_backend()``), run it."""
+    name = _select_backend(backend, req)
+    if name == "auto":
+        from vexpert_kernels import autotune
+
+        cands = _candidates(req, run, torch.device(req.device) if device is None else device, masked)
+
+        def reference():
+            with torch.no_grad():
+                return run("math")  # the plain-PyTorch result every candidate is checked against
+
+        name = autotune.select("attention_fwd", key, cands, reference, static=static_backend(req), dtype=req.dtype)
+    record_backend(name)
+    return run(name)
 
 
 # ------------------------------------------------------------------------------------------------- public API
@@ -154,36 +211,31 @@ def mixed_attention(q, k, v, plan=None, *, key_padding_mask=None, image_span_ids
         q, k, v, plan, key_padding_mask, image_span_ids, image_attention, attn_bias, softmax_scale, return_lse)
     B, H, Lq, hd = q.shape
     Lk = k.shape[2]
-    name = _select_backend(backend, req)
+    masked = key_padding_mask is not None or bidir
 
-    if name == "triton":
-        out, lse = flash_attention(q, k, v, key_padding_mask=key_padding_mask, image_span_ids=image_span_ids,
-                                   bidirectional=bidir, softmax_scale=scale)
-        return (out, lse) if return_lse else out
-    if name == "flex":
-        return _flex_attention(q, k, v, key_padding_mask, image_span_ids, bidir, scale, return_lse)
-    if name == "flash_attn":
-        return _flash_attn_backend(q, k, v, scale)
-    if name == "xformers":
-        return _xformers_backend(q, k, v, scale)
-    simple_causal = Lq == Lk and key_padding_mask is None and not bidir
-    if attn_bias is not None:
-        keep = None
-    elif Lq == 1 and key_padding_mask is None and name == "sdpa":
-        keep = None  # decode: the single query sees every key
-    else:
-        keep = attention_keep_mask(B, Lq, Lk, q.device, key_padding_mask, image_span_ids, bidir)
-    if name == "sdpa":
-        return _sdpa_attention(q, k, v, None if simple_causal else keep, attn_bias, scale, simple_causal)
-    return _math_attention(q, k, v, keep, attn_bias, scale, return_lse)
+    def run(name):
+        if name.startswith("triton"):
+            out, lse = flash_attention(q, k, v, key_padding_mask=key_padding_mask, image_span_ids=image_span_ids,
+                                       bidirectional=bidir, softmax_scale=scale, fwd_config=parse_triton_name(name))
+            return (out, lse) if return_lse else out
+        if name == "flex":
+            return _flex_attention(q, k, v, key_padding_mask, image_span_ids, bidir, scale, return_lse)
+        if name == "flash_attn":
+            return _flash_attn_backend(q, k, v, scale)
+        if name == "xformers":
+            return _xformers_backend(q, k, v, scale)
+        simple_causal = Lq == Lk and key_padding_mask is None and not bidir
+        if attn_bias is not None:
+            keep = None
+        elif Lq == 1 and key_padding_mask is None and name == "sdpa":
+            keep = None  # decode: the single query sees every key
+        else:
+            keep = attention_keep_mask(B, Lq, Lk, q.device, key_padding_mask, image_span_ids, bidir)
+        if name == "sdpa":
+            return _sdpa_attention(q, k, v, None if simple_causal else keep, attn_bias, scale, simple_causal)
+        return _math_attention(q, k, v, keep, attn_bias, scale, return_lse)
 
-
-def _check_cu(name, cu, device):
-    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2 or cu.is_floating_point() \
-            or cu.dtype == torch.bool:
-        raise ValueError(f"{name} must be a 1-D integer tensor [S+1] of cumulative sequence lengths")
-    if cu.device != device:
-        raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+    return _dispatch(backend, req, tune_key(req, H, k.shape[1], Lq, Lk), run, masked)
 
 
 def mixed_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, image_span_ids=None,
@@ -196,14 +248,16 @@ def mixed_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """
     _check_qkv(q, k, v, varlen=True)
     _check_mode(image_attention)
-    _check_cu("cu_seqlens_q", cu_seqlens_q, q.device)
-    _check_cu("cu_seqlens_k", cu_seqlens_k, q.device)
-    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
-                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
     for name, val in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(val, bool) or not isinstance(val, int) or val < 0:
             raise ValueError(f"{name} must be a non-negative int, got {val!r}")
+    # values checked where the host has them (CPU tensors) or under VEXPERT_DEBUG=1; the kernels are bound-safe
+    # for anything else (every sequence is clamped to the rows and to max_seqlen on the device)
+    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total=q.shape[0], max_seqlen=max_seqlen_q, device=q.device)
+    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total=k.shape[0], max_seqlen=max_seqlen_k, device=q.device)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
     image_span_ids = _check_span("image_span_ids", image_span_ids, (q.shape[0],), q.device)
     bidir = image_attention == "bidirectional" and image_span_ids is not None
     total_q, H, hd = q.shape
@@ -211,28 +265,39 @@ def mixed_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     req = _Request(device=q.device.type, dtype=q.dtype, head_dim=hd, gqa=H != k.shape[1], kv_offset=True,
                    padding=False, bidir=bidir, bias=False, need_lse=bool(return_lse), varlen=True,
                    grad=_needs_grad(q, k, v), custom_scale=abs(scale - 1.0 / math.sqrt(hd)) > 1e-12)
-    name = _select_backend(backend, req)
-    if name == "triton":
-        out, lse = flash_attention(q, k, v, image_span_ids=image_span_ids, bidirectional=bidir, softmax_scale=scale,
-                                   cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                                   max_seqlen_k=max_seqlen_k)
-        return (out, lse) if return_lse else out
-    if name == "varlen":
-        from torch.nn.attention.varlen import varlen_attn
 
-        kw = {"window_size": (-1, 0)} if "window_size" in _VARLEN_PARAMS else {"is_causal": True}
-        if H != k.shape[1]:
-            kw["enable_gqa"] = True
-        if "scale" in _VARLEN_PARAMS:
-            kw["scale"] = scale
-        return varlen_attn(q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), max_seqlen_q,
-                           max_seqlen_k, **kw)
-    if name == "flash_attn":
-        from flash_attn import flash_attn_varlen_func
+    def run(name):
+        if name.startswith("triton"):
+            out, lse = flash_attention(q, k, v, image_span_ids=image_span_ids, bidirectional=bidir,
+                                       softmax_scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                       max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                                       fwd_config=parse_triton_name(name))
+            return (out, lse) if return_lse else out
+        if name == "varlen":
+            from torch.nn.attention.varlen import varlen_attn
 
-        return flash_attn_varlen_func(q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
-                                      max_seqlen_q, max_seqlen_k, softmax_scale=scale, causal=True)
-    # sdpa / math: one padded call per sequence (host sync for the lengths: reference paths)
+            kw = {"window_size": (-1, 0)} if "window_size" in _VARLEN_PARAMS else {"is_causal": True}
+            if H != k.shape[1]:
+                kw["enable_gqa"] = True
+            if "scale" in _VARLEN_PARAMS:
+                kw["scale"] = scale
+            return varlen_attn(q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), max_seqlen_q,
+                               max_seqlen_k, **kw)
+        if name == "flash_attn":
+            from flash_attn import flash_attn_varlen_func
+
+            return flash_attn_varlen_func(q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
+                                          max_seqlen_q, max_seqlen_k, softmax_scale=scale, causal=True)
+        return _varlen_by_sequence(name, q, k, v, cu_seqlens_q, cu_seqlens_k, image_span_ids, image_attention,
+                                   bidir, scale, return_lse)
+
+    return _dispatch(backend, req, tune_key(req, H, k.shape[1], max_seqlen_q, max_seqlen_k), run, bidir)
+
+
+def _varlen_by_sequence(name, q, k, v, cu_seqlens_q, cu_seqlens_k, image_span_ids, image_attention, bidir, scale,
+                        return_lse):
+    """sdpa / math on packed input: one padded call per sequence (host sync for the lengths: reference paths)."""
+    H, hd = q.shape[1], q.shape[2]
     cq = cu_seqlens_q.tolist()
     ck = cu_seqlens_k.tolist()
     outs, lses = [], []

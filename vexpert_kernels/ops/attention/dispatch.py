@@ -16,29 +16,15 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("triton", "sdpa", "flex", "varlen", "flash_attn", "xformers", "math")
 ENV_VAR = "VEXPERT_ATTENTION_BACKEND"
 
-# ------------------------------------------------------------------------------------------------- auto backend table
-# Preference order (fastest first) per (device type, feature set). Every listed backend implements the same
-# semantics, so walking the list only changes speed. CUDA rows are the design guess until the GPU benchmark
-# (benchmarks/, "attention" suite) measures them at 4x2048 and 1x4096 tokens, 32 heads x 128; update from its table.
-# Feature sets: "causal" (no padding, no image spans, no lse), "causal_lse" (same, lse wanted), "masked" (padding
-# and/or bidirectional image spans), "bias" (caller's additive mask), "varlen" (packed sequences).
-# On CPU the Triton interpreter and eager flex are orders of magnitude slower than sdpa/math: never auto-picked.
-AUTO_TABLE = {
-    ("cuda", "causal"): ("flash_attn", "sdpa", "triton", "flex", "xformers", "math"),
-    ("cuda", "causal_lse"): ("triton", "flex", "math"),
-    ("cuda", "masked"): ("triton", "flex", "sdpa", "math"),
-    ("cuda", "masked_lse"): ("triton", "flex", "math"),
-    ("cuda", "bias"): ("sdpa", "math"),
-    ("cuda", "varlen"): ("varlen", "flash_attn", "triton", "math"),
-    ("cuda", "varlen_lse"): ("triton", "math"),
-    ("cpu", "causal"): ("sdpa", "math"),
-    ("cpu", "causal_lse"): ("math",),
-    ("cpu", "masked"): ("sdpa", "math"),
-    ("cpu", "masked_lse"): ("math",),
-    ("cpu", "bias"): ("sdpa", "math"),
-    ("cpu", "varlen"): ("sdpa", "math"),
-    ("cpu", "varlen_lse"): ("math",),
-}
+# ------------------------------------------------------------------------------------------------- auto: who competes
+# ``backend="auto"`` never walks a hand-filled preference table. On CUDA every backend of TUNE_CANDIDATES that serves
+# the request competes in vexpert_kernels.autotune.select (timed on the real inputs, each checked against the plain
+# PyTorch result; our Triton kernel with a few tile configs); untuned (VEXPERT_AUTOTUNE=0, tracing, no decision yet)
+# it runs the first serving backend of STATIC_ORDER: torch's own paths, never an unverified kernel. On CPU nothing
+# is timed: CPU_ORDER, i.e. our Triton kernel when the interpreter serves it (that is how CI tests it), else torch.
+TUNE_CANDIDATES = ("triton", "sdpa", "flex", "varlen", "flash_attn", "xformers")
+STATIC_ORDER = ("sdpa", "flex", "math")
+CPU_ORDER = ("triton", "sdpa", "math")
 
 
 # ------------------------------------------------------------------------------------------------- availability
@@ -214,23 +200,69 @@ def _unsupported_reason(backend: str, r: _Request) -> Optional[str]:
     return f"unknown backend {backend!r}"
 
 
-def _select_backend(backend: str, r: _Request) -> str:
+def requested_backend(backend) -> str:
+    """``backend`` after the environment override: "auto" or a name of BACKENDS; anything else raises."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend not in BACKENDS and backend != "auto":
+        raise ValueError(f"backend must be one of {list(BACKENDS) + ['auto']}, got {backend!r}")
     if backend == "auto":
         env = os.environ.get(ENV_VAR, "")
         if env and env != "auto":
+            if env not in BACKENDS:
+                raise ValueError(f"environment variable {ENV_VAR} must be one of {list(BACKENDS) + ['auto']}, "
+                                 f"got {env!r}")
             backend = env
+    return backend
+
+
+def serving_backends(r: _Request, order=BACKENDS) -> list:
+    """The backends of ``order`` that serve request ``r`` with exactly our semantics."""
+    return [b for b in order if _unsupported_reason(b, r) is None]
+
+
+def _select_backend(backend: str, r: _Request) -> str:
+    """A backend name, or "auto" when the caller must tune (CUDA; see TUNE_CANDIDATES)."""
+    backend = requested_backend(backend)
     if backend != "auto":
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {backend!r}")
         why = _unsupported_reason(backend, r)
         if why is not None:
             raise ValueError(f"attention backend {backend!r} cannot serve this request: {why}")
         return backend
-    dev = "cuda" if r.device == "cuda" else "cpu"
-    for cand in AUTO_TABLE[(dev, r.feature)]:
-        if _unsupported_reason(cand, r) is None:
-            return cand
-    return "math"
+    if r.device == "cuda":
+        return "auto"
+    return (serving_backends(r, CPU_ORDER) or ["math"])[0]
 
+
+def static_backend(r: _Request) -> str:
+    """What ``auto`` runs on CUDA when tuning cannot run: torch's own path (sdpa, else flex, else math)."""
+    return (serving_backends(r, STATIC_ORDER) or ["math"])[0]
+
+
+def length_bucket(n: int) -> int:
+    """Power-of-two bucket of a sequence length for tuning keys (1, 2, 4, ..., capped at 2**20)."""
+    return 1 << min(max(int(n) - 1, 0).bit_length(), 20)
+
+
+def tune_key(r: _Request, H: int, KV: int, Lq: int, Lk: int) -> tuple:
+    """(dtype, head dim, GQA ratio, mask kind, causal/bidirectional, varlen, lse, length buckets of Lq and Lk)."""
+    mask = "bias" if r.bias else ("padded" if r.padding else "causal")
+    return (str(r.dtype).replace("torch.", ""), r.head_dim, H // max(KV, 1), mask,
+            "bidirectional" if r.bidir else "causal", "varlen" if r.varlen else "padded",
+            "lse" if r.need_lse else "out", length_bucket(Lq), length_bucket(Lk))
+
+
+class _LastBackend:
+    """The backend the last attention call of this process ran (observable dispatch; not read by any code path)."""
+    name: Optional[str] = None
+
+
+def record_backend(name: str) -> None:
+    if not torch.compiler.is_compiling():
+        _LastBackend.name = name
+
+
+def last_backend() -> Optional[str]:
+    """Name of the backend the most recent ``mixed_attention``/``mixed_attention_varlen`` call ran (e.g. "sdpa" or
+    "triton:128x64:w8s3" when auto tuned a Triton config); None before the first call. Not updated while tracing."""
+    return _LastBackend.name

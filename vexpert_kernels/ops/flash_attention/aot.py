@@ -6,7 +6,7 @@ import torch
 from vexpert_kernels._aot import CompileSpec
 from vexpert_kernels._triton_compat import HAS_TRITON
 
-from .configs import _GPU_CONFIGS, _PREPROCESS_CONFIG, _block_d, _pick
+from .configs import _FWD_TUNE_ALTERNATIVES, _GPU_CONFIGS, _PREPROCESS_CONFIG, _block_d, _pick
 from .kernels import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel, _attn_fwd_kernel
 
 
@@ -40,28 +40,31 @@ def build_aot_specs() -> list:
                                                          ("DELTA", "fp32")],
                          ["KVH", "LQ", "LK", "qk_scale", "sm_scale"]),
                     ):
-                        bm, bn, nw, ns = _pick(cfgs, kname, is_varlen)
-                        last = "SPAN_START" if kname == "dkdv" else "SPAN_END"
-                        sig = {n: "*" + t for n, t in ptrs}
-                        for n in ("CU_Q", "CU_K", "KV_LO", "KV_HI"):
-                            sig[n] = "*i32"
-                        sig["KPM"] = "*i8"
-                        sig["SPAN"] = "*i32"
-                        sig[last] = "*i32"
-                        for n in strides:
-                            sig[n] = "i32"
-                        for n in scalars:
-                            sig[n] = "fp32" if n in ("qk_scale", "sm_scale") else "i32"
-                        consts = dict(ce, BLOCK_M=bm, BLOCK_N=bn)
-                        for n in consts:
-                            sig[n] = "constexpr"
-                        sig = {n: sig[n] for n in fn.arg_names}  # ASTSource wants the kernel's argument order
-                        specs.append(CompileSpec(
-                            name=f"flash_attn_{kname}[sm{cc}x,{variant},{dname},hd{hd},{bm}x{bn},w{nw}s{ns}]", fn=fn,
-                            signature=sig, constexprs=consts, num_warps=nw, num_stages=ns, targets=(cc * 10,),
-                            # row/head/batch strides of q/k/v/o are multiples of 16 elements for head dims 64..128:
-                            # the JIT specialises on that at run time (vectorised 16-byte loads), so the AOT build must
-                            extra={"divisible_by_16": list(strides[:12])}))
+                        tiles = [_pick(cfgs, kname, is_varlen)]
+                        if kname == "fwd" and dname == "bf16" and hd in (64, 128):  # the tuner's extra fwd tiles
+                            tiles += [t for t in _FWD_TUNE_ALTERNATIVES if t != tiles[0]]
+                        for bm, bn, nw, ns in tiles:
+                            last = "SPAN_START" if kname == "dkdv" else "SPAN_END"
+                            sig = {n: "*" + t for n, t in ptrs}
+                            for n in ("CU_Q", "CU_K", "KV_LO", "KV_HI"):
+                                sig[n] = "*i32"
+                            sig["KPM"] = "*i8"
+                            sig["SPAN"] = "*i32"
+                            sig[last] = "*i32"
+                            for n in strides:
+                                sig[n] = "i32"
+                            for n in scalars:
+                                sig[n] = "fp32" if n in ("qk_scale", "sm_scale") else "i32"
+                            consts = dict(ce, BLOCK_M=bm, BLOCK_N=bn)
+                            for n in consts:
+                                sig[n] = "constexpr"
+                            sig = {n: sig[n] for n in fn.arg_names}  # ASTSource wants the kernel's argument order
+                            specs.append(CompileSpec(
+                                name=f"flash_attn_{kname}[sm{cc}x,{variant},{dname},hd{hd},{bm}x{bn},w{nw}s{ns}]", fn=fn,
+                                signature=sig, constexprs=consts, num_warps=nw, num_stages=ns, targets=(cc * 10,),
+                                # row/head/batch strides of q/k/v/o are multiples of 16 elements for head dims 64..128:
+                                # the JIT specialises on that at run time (vectorised 16-byte loads), so the AOT build must
+                                extra={"divisible_by_16": list(strides[:12])}))
     for cc in (9, 8):
         for hd in (64, 80, 96, 128):
             for dtype, dname in tdt.items():

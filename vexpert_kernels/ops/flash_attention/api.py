@@ -30,12 +30,15 @@ def _dense_layout(t) -> bool:
 
 
 def flash_attention(q, k, v, *, key_padding_mask=None, image_span_ids=None, bidirectional=False,
-                    softmax_scale=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+                    softmax_scale=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                    fwd_config=None):
     """Our Triton attention. Returns ``(out, lse)``; differentiable in q, k, v (and through lse).
 
     Padded: q [B,H,Lq,hd], k/v [B,KV,Lk,hd], key_padding_mask bool [B,Lk] (keep), image_span_ids int [B,Lq];
     out [B,H,Lq,hd], lse fp32 [B,H,Lq]. Varlen (cu_seqlens_q given): q [total_q,H,hd], k/v [total_k,KV,hd],
-    image_span_ids int [total_q]; out [total_q,H,hd], lse fp32 [H,total_q]. Inputs are validated by the caller
+    image_span_ids int [total_q]; out [total_q,H,hd], lse fp32 [H,total_q]. ``fwd_config``: optional forward tile
+    (BLOCK_M, BLOCK_N, num_warps, num_stages), e.g. one of ``fwd_tune_configs`` (the autotuner's candidates);
+    default the table's choice. Cu_seqlens are made bound-safe on the device. Inputs are validated by the caller
     (:func:`vexpert_kernels.ops.attention.mixed_attention`); this function checks dtypes/devices only.
     """
     varlen = cu_seqlens_q is not None
@@ -49,5 +52,6 @@ def flash_attention(q, k, v, *, key_padding_mask=None, image_span_ids=None, bidi
     q, k, v = (t if _dense_layout(t) else t.contiguous() for t in (q, k, v))
     span = image_span_ids if bidirectional else None
     return _flash_attn_fwd_op(q, k, v, key_padding_mask, span, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                              int(max_seqlen_k), float(softmax_scale), bool(bidirectional and span is not None))
+                              int(max_seqlen_k), float(softmax_scale), bool(bidirectional and span is not None),
+                              None if fwd_config is None else [int(x) for x in fwd_config])
 

@@ -57,3 +57,18 @@ def _configs_for(device: torch.device, block_d: int, masked: bool, varlen: bool 
 def _block_d(hd: int) -> int:
     return max(16, triton.next_power_of_2(hd)) if HAS_TRITON else max(16, 1 << (hd - 1).bit_length())
 
+
+
+# Forward tiles the autotuner times besides the table's choice (vexpert_kernels.autotune.select checks each against
+# the PyTorch result): smaller tiles win on short or heavily padded sequences and on few (batch x head) programs.
+# Both are no larger than any table entry for their bucket, so they compile without spills where the table does
+# (aot.py lists them: "fwd_tune" specs).
+_FWD_TUNE_ALTERNATIVES = ((128, 32, 8, 2), (64, 64, 4, 2))
+
+
+def fwd_tune_configs(device: torch.device, block_d: int, masked: bool, varlen: bool = False) -> list:
+    """Forward (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for tuning: the table's choice first."""
+    first = _configs_for(device, block_d, masked, varlen)["fwd"]
+    if device.type != "cuda":
+        return [first]
+    return [first] + [c for c in _FWD_TUNE_ALTERNATIVES if c != first]

@@ -1,7 +1,7 @@
 """torch.library registration: ``vexpert::flash_attn_fwd`` / ``vexpert::flash_attn_bwd``, fakes, autograd."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -11,12 +11,13 @@ from .launch import _bwd_impl, _fwd_impl, _lse_shape
 @torch.library.custom_op("vexpert::flash_attn_fwd", mutates_args=())
 def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: Optional[torch.Tensor],
                        span: Optional[torch.Tensor], cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tensor],
-                       max_q: int, max_k: int, softmax_scale: float, bidir: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fwd_impl(q, k, v, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale, bidir)
+                       max_q: int, max_k: int, softmax_scale: float, bidir: bool,
+                       fwd_cfg: Optional[List[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_impl(q, k, v, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale, bidir, fwd_cfg)
 
 
 @_flash_attn_fwd_op.register_fake
-def _(q, k, v, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale, bidir):
+def _(q, k, v, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale, bidir, fwd_cfg=None):
     return torch.empty_like(q), q.new_empty(_lse_shape(q, cu_q is not None), dtype=torch.float32)
 
 
@@ -35,7 +36,7 @@ def _(do, q, k, v, out, lse, dlse, kpm, span, cu_q, cu_k, max_q, max_k, softmax_
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale, bidir = inputs
+    q, k, v, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale, bidir, _fwd_cfg = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, kpm, span, cu_q, cu_k)
     ctx.args = (max_q, max_k, softmax_scale, bidir)
@@ -46,7 +47,7 @@ def _backward(ctx, d_out, d_lse):
     if d_out is None:
         d_out = torch.zeros_like(out)
     dq, dk, dv = _flash_attn_bwd_op(d_out, q, k, v, out, lse, d_lse, kpm, span, cu_q, cu_k, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 _flash_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)

@@ -20,10 +20,12 @@ if HAS_TRITON:
     @triton.jit
     def _seq_bounds(CU_Q, CU_K, b, LQ, LK, IS_VARLEN: tl.constexpr):
         if IS_VARLEN:
+            # bound-safe for any cu_seqlens: the launcher clamps them to [0, rows] and makes them non-decreasing on
+            # the device, and no sequence is taken longer than max_seqlen (the grid covers max_seqlen rows)
             q_start = tl.load(CU_Q + b)
-            len_q = tl.load(CU_Q + b + 1) - q_start
+            len_q = tl.minimum(tl.load(CU_Q + b + 1) - q_start, LQ)
             k_start = tl.load(CU_K + b)
-            len_k = tl.load(CU_K + b + 1) - k_start
+            len_k = tl.minimum(tl.load(CU_K + b + 1) - k_start, LK)
         else:
             q_start = 0
             len_q = LQ
@@ -340,7 +342,7 @@ if HAS_TRITON:
         # that query's image span (span_start is monotone, so the tile's first key gives the minimum)
         m_first = tl.maximum(start_n - offset, 0)
         if BIDIR:
-            m_first = tl.load(SPAN_START + b64 * stride_sb + q_start + tl.minimum(m_first, len_q - 1))
+            m_first = tl.load(SPAN_START + b64 * stride_sb + q_start + tl.maximum(tl.minimum(m_first, len_q - 1), 0))
         m_lo = (m_first // BLOCK_M) * BLOCK_M
         m_hi = len_q
         if HAS_KPM:  # the whole key tile is padding: nothing to accumulate

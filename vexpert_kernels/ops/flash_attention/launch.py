@@ -22,6 +22,13 @@ def _new_like(t, shape=None, dtype=None):
     return out.fill_(float("nan")) if _POISON_OUTPUTS else out
 
 
+def _safe_cu(cu: torch.Tensor, rows: int) -> torch.Tensor:
+    """int32 cu_seqlens clamped to [0, rows] and made non-decreasing, on the device (no host sync): whatever the
+    caller passed, every sequence then lies inside the rows. Valid input is returned unchanged (values)."""
+    cu = cu.to(torch.int32).clamp(0, rows)
+    return torch.cummax(cu, 0).values.contiguous()
+
+
 class _Prepared:
     """Device-side metadata shared by forward and backward launches (no host synchronisation)."""
 
@@ -33,7 +40,7 @@ class _Prepared:
             self.B = cu_q.numel() - 1
             self.H, self.KV = q.shape[1], k.shape[1]
             self.LQ, self.LK = max_q, max_k
-            self.cu_q, self.cu_k = cu_q.to(torch.int32).contiguous(), cu_k.to(torch.int32).contiguous()
+            self.cu_q, self.cu_k = _safe_cu(cu_q, q.shape[0]), _safe_cu(cu_k, k.shape[0])
         else:
             self.B, self.H, self.LQ = q.shape[0], q.shape[1], q.shape[2]
             self.KV, self.LK = k.shape[1], k.shape[2]
@@ -74,7 +81,7 @@ def _lse_shape(q, varlen):
     return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[1], q.shape[2])
 
 
-def _fwd_impl(q, k, v, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale, bidir):
+def _fwd_impl(q, k, v, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale, bidir, fwd_cfg=None):
     require_triton("the triton attention backend")
     pr = _Prepared(q, k, kpm, span, cu_q, cu_k, max_q, max_k, bidir)
     hd = q.shape[-1]
@@ -83,7 +90,7 @@ def _fwd_impl(q, k, v, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale, bidir
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     ce = pr.common_constexprs(hd, q.dtype, q.device)
-    bm, bn, nw, ns = _configs_for(q.device, ce["BLOCK_D"], pr.has_kpm or pr.bidir, pr.varlen)["fwd"]
+    bm, bn, nw, ns = fwd_cfg or _configs_for(q.device, ce["BLOCK_D"], pr.has_kpm or pr.bidir, pr.varlen)["fwd"]
     grid = (triton.cdiv(pr.LQ, bm), pr.B * pr.H)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, pr.cu_q, pr.cu_k, pr.kv_lo, pr.kv_hi, pr.kpm, pr.span, pr.span_end,
