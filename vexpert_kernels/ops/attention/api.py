@@ -7,7 +7,7 @@ import torch
 
 from vexpert_kernels.ops.flash_attention import flash_attention, fwd_tune_configs
 
-from vexpert_kernels.validation import check_cu_seqlens, check_positive_finite
+from vexpert_kernels.validation import check_cu_seqlens, check_positive_finite, check_tensor, debug_checks_enabled
 
 from .backends import (_flash_attn_backend, _flex_attention, _math_attention, _sdpa_attention, _xformers_backend,
                        attention_keep_mask)
@@ -68,6 +68,25 @@ def _check_span(name, span, shape, device):
     if span.device != device:
         raise ValueError(f"{name} is on {span.device} but q is on {device}")
     return span
+
+
+def _check_out_index(out_index, shape, device):
+    """int [*shape] permutation of range(prod(shape)), or None. Values checked where the host has them."""
+    if out_index is None:
+        return None
+    check_tensor("out_index", out_index, shape=shape, integer=True, device=device)
+    if out_index.device.type == "cpu" or debug_checks_enabled():
+        if not torch.compiler.is_compiling():
+            flat = out_index.reshape(-1)
+            if not torch.equal(torch.sort(flat).values, torch.arange(flat.numel(), device=flat.device)):
+                raise ValueError(f"out_index must be a permutation of range({flat.numel()}) (e.g. a RoutingPlan's "
+                                 "inv_perm), got repeated or out-of-range rows")
+    return out_index
+
+
+def _scatter_rows(flat, out_index):
+    """out[out_index[i]] = flat[i] (differentiable)."""
+    return flat.new_zeros(flat.shape).index_copy(0, out_index.reshape(-1).to(torch.long), flat)
 
 
 def _needs_grad(q, k, v) -> bool:
@@ -189,7 +208,7 @@ def attention_backend_reason(backend, q, k, v, plan=None, *, key_padding_mask=No
 
 
 def mixed_attention(q, k, v, plan=None, *, key_padding_mask=None, image_span_ids=None, image_attention="causal",
-                    attn_bias=None, softmax_scale=None, return_lse=False, backend="auto"):
+                    attn_bias=None, softmax_scale=None, return_lse=False, backend="auto", out_index=None):
     """Causal attention for mixed image/text sequences.
 
     Args:
@@ -204,20 +223,34 @@ def mixed_attention(q, k, v, plan=None, *, key_padding_mask=None, image_span_ids
             (the caller's mask is the whole truth). sdpa and math only.
         softmax_scale: default 1/sqrt(hd). return_lse: also return lse fp32 [B, H, Lq] (natural log; -inf on rows
             with no visible key, whose output is 0). backend: "auto" or one of BACKENDS.
+        out_index: optional int [B, Lq], a permutation of range(B*Lq): the output is then [B*Lq, H*hd] with query
+            (b, i) in row out_index[b, i] -- pass ``plan.inv_perm.view(B, L)`` to get it straight in the plan's
+            routed order (triton writes it there and reads dO from it; other backends scatter a copy). Checked on
+            the host for CPU tensors, on CUDA with VEXPERT_DEBUG=1 (the kernel skips out-of-range rows regardless).
     Returns:
-        out [B, H, Lq, hd] (q's dtype), or (out, lse).
+        out [B, H, Lq, hd] (q's dtype) or [B*Lq, H*hd] with out_index, or (out, lse).
     """
     key_padding_mask, image_span_ids, bidir, scale, req = _resolve_padded(
         q, k, v, plan, key_padding_mask, image_span_ids, image_attention, attn_bias, softmax_scale, return_lse)
     B, H, Lq, hd = q.shape
     Lk = k.shape[2]
     masked = key_padding_mask is not None or bidir
+    out_index = _check_out_index(out_index, (B, Lq), q.device)
 
     def run(name):
         if name.startswith("triton"):
             out, lse = flash_attention(q, k, v, key_padding_mask=key_padding_mask, image_span_ids=image_span_ids,
-                                       bidirectional=bidir, softmax_scale=scale, fwd_config=parse_triton_name(name))
+                                       bidirectional=bidir, softmax_scale=scale, fwd_config=parse_triton_name(name),
+                                       out_index=out_index)
             return (out, lse) if return_lse else out
+        res = _run_torch(name)
+        if out_index is None:
+            return res
+        out, lse = res if return_lse else (res, None)
+        out = _scatter_rows(out.transpose(1, 2).reshape(B * Lq, H * hd), out_index)
+        return (out, lse) if return_lse else out
+
+    def _run_torch(name):
         if name == "flex":
             return _flex_attention(q, k, v, key_padding_mask, image_span_ids, bidir, scale, return_lse)
         if name == "flash_attn":
@@ -239,12 +272,16 @@ def mixed_attention(q, k, v, plan=None, *, key_padding_mask=None, image_span_ids
 
 
 def mixed_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, image_span_ids=None,
-                           image_attention="causal", softmax_scale=None, return_lse=False, backend="auto"):
+                           image_attention="causal", softmax_scale=None, return_lse=False, backend="auto",
+                           out_index=None):
     """Packed (varlen) variant: q [total_q, H, hd], k/v [total_k, KV, hd], cu_seqlens_q/k int [S+1].
 
     Sequence s has queries cu_seqlens_q[s]:cu_seqlens_q[s+1] and keys cu_seqlens_k[s]:cu_seqlens_k[s+1], with
     bottom-right causal alignment per sequence (len_k >= len_q). image_span_ids: int [total_q] (spans never cross
-    sequences). Returns out [total_q, H, hd], or (out, lse fp32 [H, total_q]) as flash-attn does.
+    sequences). Returns out [total_q, H, hd], or (out, lse fp32 [H, total_q]) as flash-attn does. ``out_index``: int
+    [total_q] permutation: out is then [total_q, H*hd] with packed row t in row out_index[t] (see mixed_attention).
+    cu_seqlens values are checked on the host for CPU tensors, on CUDA with VEXPERT_DEBUG=1; the Triton kernels
+    are bound-safe for any values (clamped to the rows and max_seqlen on the device).
     """
     _check_qkv(q, k, v, varlen=True)
     _check_mode(image_attention)
@@ -265,14 +302,23 @@ def mixed_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     req = _Request(device=q.device.type, dtype=q.dtype, head_dim=hd, gqa=H != k.shape[1], kv_offset=True,
                    padding=False, bidir=bidir, bias=False, need_lse=bool(return_lse), varlen=True,
                    grad=_needs_grad(q, k, v), custom_scale=abs(scale - 1.0 / math.sqrt(hd)) > 1e-12)
+    out_index = _check_out_index(out_index, (total_q,), q.device)
 
     def run(name):
         if name.startswith("triton"):
             out, lse = flash_attention(q, k, v, image_span_ids=image_span_ids, bidirectional=bidir,
                                        softmax_scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-                                       fwd_config=parse_triton_name(name))
+                                       fwd_config=parse_triton_name(name), out_index=out_index)
             return (out, lse) if return_lse else out
+        res = _run_torch(name)
+        if out_index is None:
+            return res
+        out, lse = res if return_lse else (res, None)
+        out = _scatter_rows(out.reshape(total_q, H * hd), out_index)
+        return (out, lse) if return_lse else out
+
+    def _run_torch(name):
         if name == "varlen":
             from torch.nn.attention.varlen import varlen_attn
 

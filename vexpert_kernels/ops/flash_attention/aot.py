@@ -19,29 +19,33 @@ def build_aot_specs() -> list:
     tdt = {torch.float16: "fp16", torch.bfloat16: "bf16"}
     strides = ["stride_qb", "stride_qh", "stride_ql", "stride_kb", "stride_kh", "stride_kl", "stride_vb", "stride_vh",
                "stride_vl", "stride_ob", "stride_oh", "stride_ol", "stride_lb", "stride_lh", "stride_ll", "stride_mb",
-               "stride_sb"]
-    variants = {False: (("causal", False, False, False),),
-                True: (("padded_bidir", False, True, True), ("varlen_bidir", True, False, True))}
+               "stride_sb", "stride_ib"]
+    # (name, varlen, key padding, bidirectional, routed order out); routed variants for bf16 at hd 64/128 only
+    variants = {False: (("causal", False, False, False, False), ("causal_routed", False, False, False, True)),
+                True: (("padded_bidir", False, True, True, False), ("varlen_bidir", True, False, True, False),
+                       ("padded_bidir_routed", False, True, True, True))}
     for (cc, dbucket, masked), cfgs in sorted(_GPU_CONFIGS.items()):
         target_hds = {64: (64,), 128: (80, 96, 128)}[dbucket]
         for hd in target_hds:
             for dtype, dname in tdt.items():
-                for variant, is_varlen, has_kpm, bidir in variants[masked]:
+                for variant, is_varlen, has_kpm, bidir, routed in variants[masked]:
+                    if routed and (dname != "bf16" or hd not in (64, 128)):
+                        continue
                     ce = dict(GROUP=1, HEAD_DIM=hd, BLOCK_D=_block_d(hd), IS_VARLEN=is_varlen, HAS_KPM=has_kpm,
-                              BIDIR=bidir, UPCAST=False, PREC="tf32")
+                              BIDIR=bidir, UPCAST=False, PREC="tf32", HAS_OIDX=routed)
                     for kname, fn, ptrs, scalars in (
                         ("fwd", _attn_fwd_kernel, [("Q", dname), ("K", dname), ("V", dname), ("O", dname),
-                                                    ("LSE", "fp32")], ["H", "LQ", "LK", "qk_scale"]),
+                                                    ("LSE", "fp32")], ["H", "LQ", "LK", "T_OUT", "qk_scale"]),
                         ("dq", _attn_bwd_dq_kernel, [("Q", dname), ("K", dname), ("V", dname), ("DO", dname),
                                                      ("DQ", dname), ("LSE", "fp32"), ("DELTA", "fp32")],
-                         ["H", "LQ", "LK", "qk_scale", "sm_scale"]),
+                         ["H", "LQ", "LK", "T_OUT", "qk_scale", "sm_scale"]),
                         ("dkdv", _attn_bwd_dkdv_kernel, [("Q", dname), ("K", dname), ("V", dname), ("DO", dname),
                                                          ("DK", dname), ("DV", dname), ("LSE", "fp32"),
                                                          ("DELTA", "fp32")],
-                         ["KVH", "LQ", "LK", "qk_scale", "sm_scale"]),
+                         ["KVH", "LQ", "LK", "T_OUT", "qk_scale", "sm_scale"]),
                     ):
                         tiles = [_pick(cfgs, kname, is_varlen)]
-                        if kname == "fwd" and dname == "bf16" and hd in (64, 128):  # the tuner's extra fwd tiles
+                        if kname == "fwd" and dname == "bf16" and hd in (64, 128) and not routed:  # tuner's tiles
                             tiles += [t for t in _FWD_TUNE_ALTERNATIVES if t != tiles[0]]
                         for bm, bn, nw, ns in tiles:
                             last = "SPAN_START" if kname == "dkdv" else "SPAN_END"
@@ -50,6 +54,7 @@ def build_aot_specs() -> list:
                                 sig[n] = "*i32"
                             sig["KPM"] = "*i8"
                             sig["SPAN"] = "*i32"
+                            sig["OIDX"] = "*i32"
                             sig[last] = "*i32"
                             for n in strides:
                                 sig[n] = "i32"
@@ -68,16 +73,21 @@ def build_aot_specs() -> list:
     for cc in (9, 8):
         for hd in (64, 80, 96, 128):
             for dtype, dname in tdt.items():
-                for is_varlen, has_dlse in ((False, False), (True, True)):
+                for is_varlen, has_dlse, routed in ((False, False, False), (True, True, False), (False, False, True)):
+                    if routed and (dname != "bf16" or hd not in (64, 128)):
+                        continue
                     bm, nw = _PREPROCESS_CONFIG
-                    consts = dict(HEAD_DIM=hd, BLOCK_D=_block_d(hd), BLOCK_M=bm, IS_VARLEN=is_varlen, HAS_DLSE=has_dlse)
-                    sig = {"O": "*" + dname, "DO": "*" + dname, "DLSE": "*fp32", "DELTA": "*fp32", "CU_Q": "*i32"}
+                    consts = dict(HEAD_DIM=hd, BLOCK_D=_block_d(hd), BLOCK_M=bm, IS_VARLEN=is_varlen, HAS_DLSE=has_dlse,
+                                  HAS_OIDX=routed)
+                    sig = {"O": "*" + dname, "DO": "*" + dname, "DLSE": "*fp32", "DELTA": "*fp32", "CU_Q": "*i32",
+                           "OIDX": "*i32"}
                     for n in ("stride_ob", "stride_oh", "stride_ol", "stride_db", "stride_dh", "stride_dl",
-                              "stride_lb", "stride_lh", "stride_ll", "H", "LQ"):
+                              "stride_lb", "stride_lh", "stride_ll", "stride_ib", "H", "LQ", "T_OUT"):
                         sig[n] = "i32"
                     sig.update({n: "constexpr" for n in consts})
                     specs.append(CompileSpec(
-                        name=f"flash_attn_bwd_pre[sm{cc}x,{'varlen' if is_varlen else 'padded'},{dname},hd{hd},"
+                        name=f"flash_attn_bwd_pre[sm{cc}x,{'varlen' if is_varlen else 'padded'}"
+                             f"{'_routed' if routed else ''},{dname},hd{hd},"
                              f"{bm},w{nw}]",
                         fn=_attn_bwd_preprocess_kernel, signature=sig, constexprs=consts, num_warps=nw,
                         num_stages=1, targets=(cc * 10,),

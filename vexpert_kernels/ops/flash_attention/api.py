@@ -31,14 +31,17 @@ def _dense_layout(t) -> bool:
 
 def flash_attention(q, k, v, *, key_padding_mask=None, image_span_ids=None, bidirectional=False,
                     softmax_scale=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-                    fwd_config=None):
+                    fwd_config=None, out_index=None):
     """Our Triton attention. Returns ``(out, lse)``; differentiable in q, k, v (and through lse).
 
     Padded: q [B,H,Lq,hd], k/v [B,KV,Lk,hd], key_padding_mask bool [B,Lk] (keep), image_span_ids int [B,Lq];
     out [B,H,Lq,hd], lse fp32 [B,H,Lq]. Varlen (cu_seqlens_q given): q [total_q,H,hd], k/v [total_k,KV,hd],
     image_span_ids int [total_q]; out [total_q,H,hd], lse fp32 [H,total_q]. ``fwd_config``: optional forward tile
     (BLOCK_M, BLOCK_N, num_warps, num_stages), e.g. one of ``fwd_tune_configs`` (the autotuner's candidates);
-    default the table's choice. Cu_seqlens are made bound-safe on the device. Inputs are validated by the caller
+    default the table's choice. ``out_index``: optional int [B, Lq] (varlen: [total_q]) destination rows: out is
+    then [T, H*hd] (T = out_index.numel()) with query row (b, i) of head h at ``out[out_index[b, i], h*hd:(h+1)*hd]``
+    -- pass a RoutingPlan's ``inv_perm`` to get the attention output straight in routed order (the backward reads
+    dO in it too); out_index must be a permutation of range(T) (rows outside it are skipped, never written). Cu_seqlens are made bound-safe on the device. Inputs are validated by the caller
     (:func:`vexpert_kernels.ops.attention.mixed_attention`); this function checks dtypes/devices only.
     """
     varlen = cu_seqlens_q is not None
@@ -53,5 +56,5 @@ def flash_attention(q, k, v, *, key_padding_mask=None, image_span_ids=None, bidi
     span = image_span_ids if bidirectional else None
     return _flash_attn_fwd_op(q, k, v, key_padding_mask, span, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                               int(max_seqlen_k), float(softmax_scale), bool(bidirectional and span is not None),
-                              None if fwd_config is None else [int(x) for x in fwd_config])
+                              None if fwd_config is None else [int(x) for x in fwd_config], out_index)
 

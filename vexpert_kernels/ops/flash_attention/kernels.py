@@ -48,6 +48,13 @@ if HAS_TRITON:
         return b.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h + row.to(tl.int64) * stride_l
 
     @triton.jit
+    def _routed_rows(OIDX_B, offs_m, m_valid, T_OUT):
+        """Routed order (HAS_OIDX): sequence row offs_m of this (batch row, head) lives at row OIDX_B[offs_m] of the
+        [T_OUT, H*hd] output. Returns those rows (int64) and which of them exist (out-of-range indices: skipped)."""
+        r = tl.load(OIDX_B + offs_m, mask=m_valid, other=0).to(tl.int64)
+        return r, m_valid & (r >= 0) & (r < T_OUT)
+
+    @triton.jit
     def _visible(offs_m, offs_n, m_valid, n_valid, qpos, qs, b, offset, KPM, stride_mb, SPAN_B,
                  HAS_KPM: tl.constexpr, BIDIR: tl.constexpr):
         """[BLOCK_M, BLOCK_N] bool: may query row offs_m see key offs_n (both local to the sequence)."""
@@ -153,9 +160,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _dkdv_tile(dk, dv, k, v, kkeep, ks, start_m, offs_m0, offs_n, n_valid, offs_d, d_valid, len_q, offset, q_ptr,
-                   do_ptr, l_off, LSE, DELTA, stride_ql, stride_ol, stride_ll, span_b, qk_scale,
+                   do_ptr, l_off, LSE, DELTA, stride_ql, stride_ol, stride_ll, span_b, qk_scale, oidx_b, T_OUT,
                    MASKED: tl.constexpr, HAS_KPM: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
-                   PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+                   PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_OIDX: tl.constexpr):
         # Works on the transposed scores [BLOCK_N, BLOCK_M] (as FA2): P^T and dS^T come out of the dots already in
         # the orientation dV += P^T dO and dK += dS^T Q need, so no register tensor is transposed (no layout shuffle
         # through shared memory, fewer live registers). kkeep/ks: the key tile's padding keep flags and span ids.
@@ -168,8 +175,13 @@ if HAS_TRITON:
             qT = tl.load(qt_ptrs)
         else:
             qT = tl.load(qt_ptrs, mask=d_valid[:, None], other=0.0)
-        do = _load_rows(do_ptr + offs_m[:, None] * stride_ol + offs_d[None, :], m_valid, d_valid, MASKED, HEAD_DIM,
-                        BLOCK_D)
+        if HAS_OIDX:  # dO in the plan's routed order
+            orow, o_ok = _routed_rows(oidx_b, offs_m, m_valid, T_OUT)
+            do = tl.load(do_ptr + orow[:, None] * stride_ol + offs_d[None, :], mask=o_ok[:, None] & d_valid[None, :],
+                         other=0.0)
+        else:
+            do = _load_rows(do_ptr + offs_m[:, None] * stride_ol + offs_d[None, :], m_valid, d_valid, MASKED,
+                            HEAD_DIM, BLOCK_D)
         if MASKED:
             lse2 = tl.load(LSE + l_off + offs_m * stride_ll, mask=m_valid, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + l_off + offs_m * stride_ll, mask=m_valid, other=0.0)
@@ -197,13 +209,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_fwd_kernel(
-        Q, K, V, O, LSE, CU_Q, CU_K, KV_LO, KV_HI, KPM, SPAN, SPAN_END,
+        Q, K, V, O, LSE, CU_Q, CU_K, KV_LO, KV_HI, KPM, SPAN, SPAN_END, OIDX,
         stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-        stride_ob, stride_oh, stride_ol, stride_lb, stride_lh, stride_ll, stride_mb, stride_sb,
-        H, LQ, LK, qk_scale,
+        stride_ob, stride_oh, stride_ol, stride_lb, stride_lh, stride_ll, stride_mb, stride_sb, stride_ib,
+        H, LQ, LK, T_OUT, qk_scale,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, BIDIR: tl.constexpr,
-        UPCAST: tl.constexpr, PREC: tl.constexpr,
+        UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_OIDX: tl.constexpr,
     ):
         # heavy (late, long-causal-range) query tiles first: better tail balance on the causal triangle
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -249,23 +261,29 @@ if HAS_TRITON:
         l_safe = tl.where(empty, 1.0, l_i)
         out = acc / l_safe[:, None]
         lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-        o_ptr = O + _row_offset(b, h, q_start, stride_ob, stride_oh, stride_ol)
-        tl.store(o_ptr + offs_m[:, None] * stride_ol + offs_d[None, :], out.to(O.dtype.element_ty),
-                 mask=m_valid[:, None] & d_valid[None, :])
+        if HAS_OIDX:  # O straight in the plan's routed order [T_OUT, H*hd]
+            orow, o_ok = _routed_rows(OIDX + b64 * stride_ib + q_start, offs_m, m_valid, T_OUT)
+            tl.store(O + h.to(tl.int64) * stride_oh + orow[:, None] * stride_ol + offs_d[None, :],
+                     out.to(O.dtype.element_ty), mask=o_ok[:, None] & d_valid[None, :])
+        else:
+            o_ptr = O + _row_offset(b, h, q_start, stride_ob, stride_oh, stride_ol)
+            tl.store(o_ptr + offs_m[:, None] * stride_ol + offs_d[None, :], out.to(O.dtype.element_ty),
+                     mask=m_valid[:, None] & d_valid[None, :])
         l_ptr = LSE + _row_offset(b, h, q_start, stride_lb, stride_lh, stride_ll)
         tl.store(l_ptr + offs_m * stride_ll, lse, mask=m_valid)
 
     @triton.jit
     def _attn_bwd_dq_kernel(
-        Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, KV_LO, KV_HI, KPM, SPAN, SPAN_END,
+        Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, KV_LO, KV_HI, KPM, SPAN, SPAN_END, OIDX,
         stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-        stride_ob, stride_oh, stride_ol, stride_lb, stride_lh, stride_ll, stride_mb, stride_sb,
-        H, LQ, LK, qk_scale, sm_scale,
+        stride_ob, stride_oh, stride_ol, stride_lb, stride_lh, stride_ll, stride_mb, stride_sb, stride_ib,
+        H, LQ, LK, T_OUT, qk_scale, sm_scale,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, BIDIR: tl.constexpr,
-        UPCAST: tl.constexpr, PREC: tl.constexpr,
+        UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_OIDX: tl.constexpr,
     ):
-        # DO and DQ share the strides stride_o*; LSE and DELTA share stride_l*.
+        # DQ is written with Q's strides, DO read with stride_o* (routed rows when HAS_OIDX); LSE and DELTA share
+        # stride_l*.
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
         b, h, q_start, len_q, k_start, len_k = _program_rows(tl.program_id(1), H, CU_Q, CU_K, LQ, LK, IS_VARLEN)
         kvh = h // GROUP
@@ -281,13 +299,18 @@ if HAS_TRITON:
         md_mask = m_valid[:, None] & d_valid[None, :]
         b64 = b.to(tl.int64)
         q_ptr = Q + _row_offset(b, h, q_start, stride_qb, stride_qh, stride_ql)
-        o_off = _row_offset(b, h, q_start, stride_ob, stride_oh, stride_ol)
         k_ptr = K + _row_offset(b, kvh, k_start, stride_kb, stride_kh, stride_kl)
         v_ptr = V + _row_offset(b, kvh, k_start, stride_vb, stride_vh, stride_vl)
         l_off = _row_offset(b, h, q_start, stride_lb, stride_lh, stride_ll)
         span_b = SPAN + b64 * stride_sb + q_start
         q = tl.load(q_ptr + offs_m[:, None] * stride_ql + offs_d[None, :], mask=md_mask, other=0.0)
-        do = tl.load(DO + o_off + offs_m[:, None] * stride_ol + offs_d[None, :], mask=md_mask, other=0.0)
+        if HAS_OIDX:
+            orow, o_ok = _routed_rows(OIDX + b64 * stride_ib + q_start, offs_m, m_valid, T_OUT)
+            do = tl.load(DO + h.to(tl.int64) * stride_oh + orow[:, None] * stride_ol + offs_d[None, :],
+                         mask=o_ok[:, None] & d_valid[None, :], other=0.0)
+        else:
+            do = tl.load(DO + _row_offset(b, h, q_start, stride_ob, stride_oh, stride_ol) + offs_m[:, None] * stride_ol
+                         + offs_d[None, :], mask=md_mask, other=0.0)
         lse2 = tl.load(LSE + l_off + offs_m * stride_ll, mask=m_valid, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + l_off + offs_m * stride_ll, mask=m_valid, other=0.0)
         qpos = offset + offs_m
@@ -307,17 +330,18 @@ if HAS_TRITON:
                           offset, k_ptr, v_ptr, stride_kl, stride_vl, KPM, stride_mb, span_b, qk_scale,
                           True, HAS_KPM, BIDIR, UPCAST, PREC, HEAD_DIM, BLOCK_D)
         dq = dq * sm_scale
-        tl.store(DQ + o_off + offs_m[:, None] * stride_ol + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md_mask)
+        dq_ptr = DQ + _row_offset(b, h, q_start, stride_qb, stride_qh, stride_ql)
+        tl.store(dq_ptr + offs_m[:, None] * stride_ql + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md_mask)
 
     @triton.jit
     def _attn_bwd_dkdv_kernel(
-        Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, KV_LO, KV_HI, KPM, SPAN, SPAN_START,
+        Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, KV_LO, KV_HI, KPM, SPAN, SPAN_START, OIDX,
         stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-        stride_ob, stride_oh, stride_ol, stride_lb, stride_lh, stride_ll, stride_mb, stride_sb,
-        KVH, LQ, LK, qk_scale, sm_scale,
+        stride_ob, stride_oh, stride_ol, stride_lb, stride_lh, stride_ll, stride_mb, stride_sb, stride_ib,
+        KVH, LQ, LK, T_OUT, qk_scale, sm_scale,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, BIDIR: tl.constexpr,
-        UPCAST: tl.constexpr, PREC: tl.constexpr,
+        UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_OIDX: tl.constexpr,
     ):
         # DK/DV are written with K/V's strides, DO is read with stride_o*.
         pid_n = tl.program_id(0)
@@ -362,36 +386,43 @@ if HAS_TRITON:
             ks = tl.load(span_b + offs_n - offset, mask=n_valid & (offs_n >= offset), other=0)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        oidx_b = OIDX + b64 * stride_ib + q_start
         for g in range(GROUP):  # the query heads sharing this kv head: summed here, no atomics
             h = (kvh * GROUP + g).to(tl.int64)
             q_ptr = Q + _row_offset(b, h, q_start, stride_qb, stride_qh, stride_ql)
-            do_ptr = DO + _row_offset(b, h, q_start, stride_ob, stride_oh, stride_ol)
+            if HAS_OIDX:
+                do_ptr = DO + h * stride_oh
+            else:
+                do_ptr = DO + _row_offset(b, h, q_start, stride_ob, stride_oh, stride_ol)
             l_off = _row_offset(b, h, q_start, stride_lb, stride_lh, stride_ll)
             # query tiles [m_a, m_b) are whole tiles whose every row sees every key of this tile causally: no
             # causal/span mask and no row masks there; the ragged ends run masked
             for start_m in range(m_lo, m_a, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, kkeep, ks, start_m, offs_m0, offs_n, n_valid, offs_d, d_valid,
                                     len_q, offset, q_ptr, do_ptr, l_off, LSE, DELTA, stride_ql, stride_ol, stride_ll,
-                                    span_b, qk_scale, True, HAS_KPM, BIDIR, UPCAST, PREC, HEAD_DIM, BLOCK_D)
+                                    span_b, qk_scale, oidx_b, T_OUT, True, HAS_KPM, BIDIR, UPCAST, PREC, HEAD_DIM,
+                                    BLOCK_D, HAS_OIDX)
             for start_m in range(m_a, m_b, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, kkeep, ks, start_m, offs_m0, offs_n, n_valid, offs_d, d_valid,
                                     len_q, offset, q_ptr, do_ptr, l_off, LSE, DELTA, stride_ql, stride_ol, stride_ll,
-                                    span_b, qk_scale, False, HAS_KPM, BIDIR, UPCAST, PREC, HEAD_DIM, BLOCK_D)
+                                    span_b, qk_scale, oidx_b, T_OUT, False, HAS_KPM, BIDIR, UPCAST, PREC, HEAD_DIM,
+                                    BLOCK_D, HAS_OIDX)
             for start_m in range(m_b, m_hi, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, kkeep, ks, start_m, offs_m0, offs_n, n_valid, offs_d, d_valid,
                                     len_q, offset, q_ptr, do_ptr, l_off, LSE, DELTA, stride_ql, stride_ol, stride_ll,
-                                    span_b, qk_scale, True, HAS_KPM, BIDIR, UPCAST, PREC, HEAD_DIM, BLOCK_D)
+                                    span_b, qk_scale, oidx_b, T_OUT, True, HAS_KPM, BIDIR, UPCAST, PREC, HEAD_DIM,
+                                    BLOCK_D, HAS_OIDX)
         dk = dk * sm_scale
         tl.store(DK + k_off + offs_n[:, None] * stride_kl + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nd_mask)
         tl.store(DV + v_off + offs_n[:, None] * stride_vl + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd_mask)
 
     @triton.jit
     def _attn_bwd_preprocess_kernel(
-        O, DO, DLSE, DELTA, CU_Q,
-        stride_ob, stride_oh, stride_ol, stride_db, stride_dh, stride_dl, stride_lb, stride_lh, stride_ll,
-        H, LQ,
+        O, DO, DLSE, DELTA, CU_Q, OIDX,
+        stride_ob, stride_oh, stride_ol, stride_db, stride_dh, stride_dl, stride_lb, stride_lh, stride_ll, stride_ib,
+        H, LQ, T_OUT,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr,
-        HAS_DLSE: tl.constexpr,
+        HAS_DLSE: tl.constexpr, HAS_OIDX: tl.constexpr,
     ):
         """DELTA = rowsum(dO * O) - dlse in fp32 (lse layout), reading O and dO once each in their own dtype."""
         pid_m = tl.program_id(0)
@@ -406,16 +437,20 @@ if HAS_TRITON:
         b64 = b.to(tl.int64)
         h64 = h.to(tl.int64)
         rows = q_start.to(tl.int64) + offs_m
-        o = tl.load(O + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_ol + offs_d[None, :], mask=mask,
+        orows = rows
+        omask = mask
+        if HAS_OIDX:  # O and dO in the plan's routed order (the launcher passes batch strides 0)
+            orows, o_ok = _routed_rows(OIDX + b64 * stride_ib + q_start, offs_m, m_valid, T_OUT)
+            omask = o_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        o = tl.load(O + b64 * stride_ob + h64 * stride_oh + orows[:, None] * stride_ol + offs_d[None, :], mask=omask,
                     other=0.0)
-        do = tl.load(DO + b64 * stride_db + h64 * stride_dh + rows[:, None] * stride_dl + offs_d[None, :], mask=mask,
-                     other=0.0)
+        do = tl.load(DO + b64 * stride_db + h64 * stride_dh + orows[:, None] * stride_dl + offs_d[None, :],
+                     mask=omask, other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         l_ptrs = b64 * stride_lb + h64 * stride_lh + rows * stride_ll
         if HAS_DLSE:
             delta -= tl.load(DLSE + l_ptrs, mask=m_valid, other=0.0)
         tl.store(DELTA + l_ptrs, delta, mask=m_valid)
-
 
 
 def aot_compile_specs() -> list:

@@ -32,7 +32,7 @@ def _safe_cu(cu: torch.Tensor, rows: int) -> torch.Tensor:
 class _Prepared:
     """Device-side metadata shared by forward and backward launches (no host synchronisation)."""
 
-    def __init__(self, q, k, kpm, span, cu_q, cu_k, max_q, max_k, bidir):
+    def __init__(self, q, k, kpm, span, cu_q, cu_k, max_q, max_k, bidir, oidx=None):
         self.varlen = cu_q is not None
         dev = q.device
         dummy_i32 = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -65,6 +65,23 @@ class _Prepared:
             self.span = self.span_start = self.span_end = dummy_i32
             self.stride_sb = 0
 
+        # routed order: O/dO are [T, H*hd] and sequence row (b, i) lives at row oidx[b, i] (varlen: oidx[i])
+        self.has_oidx = oidx is not None
+        if self.has_oidx:
+            self.oidx = oidx.to(torch.int32).contiguous()
+            self.stride_ib = 0 if self.varlen else self.oidx.stride(0)
+            self.t_out = self.oidx.numel()
+        else:
+            self.oidx, self.stride_ib, self.t_out = dummy_i32, 0, 0
+
+    def ostrides(self, t):  # (batch, head, row) strides of an O/dO-like tensor
+        if self.has_oidx:
+            return (0, t.shape[1] // self.H, t.stride(0))
+        return self.qstrides(t)
+
+    def out_shape(self, q):
+        return (self.t_out, self.H * q.shape[-1]) if self.has_oidx else tuple(q.shape)
+
     def qstrides(self, t):  # (batch, head, seq) strides of a q/o-like tensor
         return (0, t.stride(1), t.stride(0)) if self.varlen else (t.stride(0), t.stride(1), t.stride(2))
 
@@ -74,18 +91,18 @@ class _Prepared:
     def common_constexprs(self, hd, dtype, device):
         return dict(GROUP=self.H // self.KV, HEAD_DIM=hd, BLOCK_D=_block_d(hd), IS_VARLEN=self.varlen,
                     HAS_KPM=self.has_kpm, BIDIR=self.bidir, UPCAST=interpret_mode() or device.type != "cuda",
-                    PREC="ieee" if dtype == torch.float32 else "tf32")
+                    PREC="ieee" if dtype == torch.float32 else "tf32", HAS_OIDX=self.has_oidx)
 
 
 def _lse_shape(q, varlen):
     return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[1], q.shape[2])
 
 
-def _fwd_impl(q, k, v, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale, bidir, fwd_cfg=None):
+def _fwd_impl(q, k, v, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale, bidir, fwd_cfg=None, oidx=None):
     require_triton("the triton attention backend")
-    pr = _Prepared(q, k, kpm, span, cu_q, cu_k, max_q, max_k, bidir)
+    pr = _Prepared(q, k, kpm, span, cu_q, cu_k, max_q, max_k, bidir, oidx)
     hd = q.shape[-1]
-    out = _new_like(q)
+    out = _new_like(q, pr.out_shape(q))
     lse = _new_like(q, _lse_shape(q, pr.varlen), torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
@@ -93,16 +110,16 @@ def _fwd_impl(q, k, v, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale, bidir
     bm, bn, nw, ns = fwd_cfg or _configs_for(q.device, ce["BLOCK_D"], pr.has_kpm or pr.bidir, pr.varlen)["fwd"]
     grid = (triton.cdiv(pr.LQ, bm), pr.B * pr.H)
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse, pr.cu_q, pr.cu_k, pr.kv_lo, pr.kv_hi, pr.kpm, pr.span, pr.span_end,
-        *pr.qstrides(q), *pr.qstrides(k), *pr.qstrides(v), *pr.qstrides(out), *pr.lstrides(lse),
-        pr.stride_mb, pr.stride_sb, pr.H, pr.LQ, pr.LK, softmax_scale * LOG2E,
+        q, k, v, out, lse, pr.cu_q, pr.cu_k, pr.kv_lo, pr.kv_hi, pr.kpm, pr.span, pr.span_end, pr.oidx,
+        *pr.qstrides(q), *pr.qstrides(k), *pr.qstrides(v), *pr.ostrides(out), *pr.lstrides(lse),
+        pr.stride_mb, pr.stride_sb, pr.stride_ib, pr.H, pr.LQ, pr.LK, pr.t_out, softmax_scale * LOG2E,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, **ce)
     return out, lse
 
 
-def _bwd_impl(do, q, k, v, out, lse, dlse, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale, bidir):
+def _bwd_impl(do, q, k, v, out, lse, dlse, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale, bidir, oidx=None):
     require_triton("the triton attention backend")
-    pr = _Prepared(q, k, kpm, span, cu_q, cu_k, max_q, max_k, bidir)
+    pr = _Prepared(q, k, kpm, span, cu_q, cu_k, max_q, max_k, bidir, oidx)
     hd = q.shape[-1]
     do = do.contiguous()
     # preprocess: D = rowsum(dO * O) (fp32), minus dlse so that lse is differentiable too (dS = P (dP - D + dlse))
@@ -112,11 +129,11 @@ def _bwd_impl(do, q, k, v, out, lse, dlse, kpm, span, cu_q, cu_k, max_q, max_k, 
     if q.numel() > 0:
         bm, nw = _PREPROCESS_CONFIG if q.is_cuda else (16, 4)
         _attn_bwd_preprocess_kernel[(triton.cdiv(pr.LQ, bm), pr.B * pr.H)](
-            out, do, dlse if dlse is not None else delta, delta, pr.cu_q,
-            *pr.qstrides(out), *pr.qstrides(do), *pr.lstrides(lse), pr.H, pr.LQ,
+            out, do, dlse if dlse is not None else delta, delta, pr.cu_q, pr.oidx,
+            *pr.ostrides(out), *pr.ostrides(do), *pr.lstrides(lse), pr.stride_ib, pr.H, pr.LQ, pr.t_out,
             HEAD_DIM=hd, BLOCK_D=_block_d(hd), BLOCK_M=bm, IS_VARLEN=pr.varlen, HAS_DLSE=dlse is not None,
-            num_warps=nw)
-    dq = _new_like(do)  # DQ is written with DO's strides (stride_o*)
+            HAS_OIDX=pr.has_oidx, num_warps=nw)
+    dq = _new_like(q)  # q is dense (see flash_attention): empty_like keeps its strides; DQ is written with Q's
     dk = _new_like(k)  # k/v are dense (see flash_attention): empty_like keeps their strides
     dv = _new_like(v)
     if q.numel() == 0 or k.numel() == 0:
@@ -125,17 +142,19 @@ def _bwd_impl(do, q, k, v, out, lse, dlse, kpm, span, cu_q, cu_k, max_q, max_k, 
         raise AssertionError("internal: dk/dv must share k/v strides and delta lse's")
     ce = pr.common_constexprs(hd, q.dtype, q.device)
     cfg = _configs_for(q.device, ce["BLOCK_D"], pr.has_kpm or pr.bidir, pr.varlen)
-    common = (*pr.qstrides(q), *pr.qstrides(k), *pr.qstrides(v), *pr.qstrides(do), *pr.lstrides(lse), pr.stride_mb,
-              pr.stride_sb)
+    if dq.stride() != q.stride():
+        raise AssertionError("internal: dq must share q's strides")
+    common = (*pr.qstrides(q), *pr.qstrides(k), *pr.qstrides(v), *pr.ostrides(do), *pr.lstrides(lse), pr.stride_mb,
+              pr.stride_sb, pr.stride_ib)
     bm, bn, nw, ns = cfg["dq"]
     _attn_bwd_dq_kernel[(triton.cdiv(pr.LQ, bm), pr.B * pr.H)](
-        q, k, v, do, dq, lse, delta, pr.cu_q, pr.cu_k, pr.kv_lo, pr.kv_hi, pr.kpm, pr.span, pr.span_end,
-        *common, pr.H, pr.LQ, pr.LK, softmax_scale * LOG2E, softmax_scale,
+        q, k, v, do, dq, lse, delta, pr.cu_q, pr.cu_k, pr.kv_lo, pr.kv_hi, pr.kpm, pr.span, pr.span_end, pr.oidx,
+        *common, pr.H, pr.LQ, pr.LK, pr.t_out, softmax_scale * LOG2E, softmax_scale,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, **ce)
     bm, bn, nw, ns = cfg["dkdv"]
     _attn_bwd_dkdv_kernel[(triton.cdiv(pr.LK, bn), pr.B * pr.KV)](
         q, k, v, do, dk, dv, lse, delta, pr.cu_q, pr.cu_k, pr.kv_lo, pr.kv_hi, pr.kpm, pr.span, pr.span_start,
-        *common, pr.KV, pr.LQ, pr.LK, softmax_scale * LOG2E, softmax_scale,
+        pr.oidx, *common, pr.KV, pr.LQ, pr.LK, pr.t_out, softmax_scale * LOG2E, softmax_scale,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, **ce)
     return dq, dk, dv
 
