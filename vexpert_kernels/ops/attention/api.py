@@ -208,7 +208,8 @@ def attention_backend_reason(backend, q, k, v, plan=None, *, key_padding_mask=No
 
 
 def mixed_attention(q, k, v, plan=None, *, key_padding_mask=None, image_span_ids=None, image_attention="causal",
-                    attn_bias=None, softmax_scale=None, return_lse=False, backend="auto", out_index=None):
+                    attn_bias=None, softmax_scale=None, return_lse=False, backend="auto", out_index=None,
+                    deterministic=False):
     """Causal attention for mixed image/text sequences.
 
     Args:
@@ -227,6 +228,8 @@ def mixed_attention(q, k, v, plan=None, *, key_padding_mask=None, image_span_ids
             (b, i) in row out_index[b, i] -- pass ``plan.inv_perm.view(B, L)`` to get it straight in the plan's
             routed order (triton writes it there and reads dO from it; other backends scatter a copy). Checked on
             the host for CPU tensors, on CUDA with VEXPERT_DEBUG=1 (the kernel skips out-of-range rows regardless).
+        deterministic: triton only: a bitwise-repeatable backward (two kernels, no atomics) instead of the default
+            one-pass backward (dQ accumulated with fp32 atomics).
     Returns:
         out [B, H, Lq, hd] (q's dtype) or [B*Lq, H*hd] with out_index, or (out, lse).
     """
@@ -241,7 +244,7 @@ def mixed_attention(q, k, v, plan=None, *, key_padding_mask=None, image_span_ids
         if name.startswith("triton"):
             out, lse = flash_attention(q, k, v, key_padding_mask=key_padding_mask, image_span_ids=image_span_ids,
                                        bidirectional=bidir, softmax_scale=scale, fwd_config=parse_triton_name(name),
-                                       out_index=out_index)
+                                       out_index=out_index, deterministic=deterministic)
             return (out, lse) if return_lse else out
         res = _run_torch(name)
         if out_index is None:
@@ -273,13 +276,14 @@ def mixed_attention(q, k, v, plan=None, *, key_padding_mask=None, image_span_ids
 
 def mixed_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, image_span_ids=None,
                            image_attention="causal", softmax_scale=None, return_lse=False, backend="auto",
-                           out_index=None):
+                           out_index=None, deterministic=False):
     """Packed (varlen) variant: q [total_q, H, hd], k/v [total_k, KV, hd], cu_seqlens_q/k int [S+1].
 
     Sequence s has queries cu_seqlens_q[s]:cu_seqlens_q[s+1] and keys cu_seqlens_k[s]:cu_seqlens_k[s+1], with
     bottom-right causal alignment per sequence (len_k >= len_q). image_span_ids: int [total_q] (spans never cross
     sequences). Returns out [total_q, H, hd], or (out, lse fp32 [H, total_q]) as flash-attn does. ``out_index``: int
     [total_q] permutation: out is then [total_q, H*hd] with packed row t in row out_index[t] (see mixed_attention).
+    ``deterministic``: as in mixed_attention.
     cu_seqlens values are checked on the host for CPU tensors, on CUDA with VEXPERT_DEBUG=1; the Triton kernels
     are bound-safe for any values (clamped to the rows and max_seqlen on the device).
     """
@@ -309,7 +313,8 @@ def mixed_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             out, lse = flash_attention(q, k, v, image_span_ids=image_span_ids, bidirectional=bidir,
                                        softmax_scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-                                       fwd_config=parse_triton_name(name), out_index=out_index)
+                                       fwd_config=parse_triton_name(name), out_index=out_index,
+                                       deterministic=deterministic)
             return (out, lse) if return_lse else out
         res = _run_torch(name)
         if out_index is None:

@@ -40,14 +40,18 @@ def build_aot_specs() -> list:
                                                      ("DQ", dname), ("LSE", "fp32"), ("DELTA", "fp32")],
                          ["H", "LQ", "LK", "T_OUT", "qk_scale", "sm_scale"]),
                         ("dkdv", _attn_bwd_dkdv_kernel, [("Q", dname), ("K", dname), ("V", dname), ("DO", dname),
-                                                         ("DK", dname), ("DV", dname), ("LSE", "fp32"),
+                                                         ("DK", dname), ("DV", dname), ("DQ", "fp32"), ("LSE", "fp32"),
                                                          ("DELTA", "fp32")],
                          ["KVH", "LQ", "LK", "T_OUT", "qk_scale", "sm_scale"]),
                     ):
                         tiles = [_pick(cfgs, kname, is_varlen)]
                         if kname == "fwd" and dname == "bf16" and hd in (64, 128) and not routed:  # tuner's tiles
                             tiles += [t for t in _FWD_TUNE_ALTERNATIVES if t != tiles[0]]
-                        for bm, bn, nw, ns in tiles:
+                        # dK/dV: the one-pass kernel (fused dQ, the default) always; the deterministic two-kernel
+                        # split's dK/dV for bf16 at hd 64/128
+                        fused_opts = (True, False) if kname == "dkdv" and dname == "bf16" and hd in (64, 128) else (
+                            (True,) if kname == "dkdv" else (None,))
+                        for (bm, bn, nw, ns), fused in [(t, f) for t in tiles for f in fused_opts]:
                             last = "SPAN_START" if kname == "dkdv" else "SPAN_END"
                             sig = {n: "*" + t for n, t in ptrs}
                             for n in ("CU_Q", "CU_K", "KV_LO", "KV_HI"):
@@ -61,11 +65,14 @@ def build_aot_specs() -> list:
                             for n in scalars:
                                 sig[n] = "fp32" if n in ("qk_scale", "sm_scale") else "i32"
                             consts = dict(ce, BLOCK_M=bm, BLOCK_N=bn)
+                            if fused is not None:
+                                consts["FUSED_DQ"] = fused
                             for n in consts:
                                 sig[n] = "constexpr"
                             sig = {n: sig[n] for n in fn.arg_names}  # ASTSource wants the kernel's argument order
                             specs.append(CompileSpec(
-                                name=f"flash_attn_{kname}[sm{cc}x,{variant},{dname},hd{hd},{bm}x{bn},w{nw}s{ns}]", fn=fn,
+                                name=f"flash_attn_{kname}{'_det' if fused is False else ''}[sm{cc}x,{variant},{dname},"
+                                     f"hd{hd},{bm}x{bn},w{nw}s{ns}]", fn=fn,
                                 signature=sig, constexprs=consts, num_warps=nw, num_stages=ns, targets=(cc * 10,),
                                 # row/head/batch strides of q/k/v/o are multiples of 16 elements for head dims 64..128:
                                 # the JIT specialises on that at run time (vectorised 16-byte loads), so the AOT build must

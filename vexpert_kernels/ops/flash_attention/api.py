@@ -31,7 +31,7 @@ def _dense_layout(t) -> bool:
 
 def flash_attention(q, k, v, *, key_padding_mask=None, image_span_ids=None, bidirectional=False,
                     softmax_scale=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-                    fwd_config=None, out_index=None):
+                    fwd_config=None, out_index=None, deterministic=False):
     """Our Triton attention. Returns ``(out, lse)``; differentiable in q, k, v (and through lse).
 
     Padded: q [B,H,Lq,hd], k/v [B,KV,Lk,hd], key_padding_mask bool [B,Lk] (keep), image_span_ids int [B,Lq];
@@ -41,7 +41,9 @@ def flash_attention(q, k, v, *, key_padding_mask=None, image_span_ids=None, bidi
     default the table's choice. ``out_index``: optional int [B, Lq] (varlen: [total_q]) destination rows: out is
     then [T, H*hd] (T = out_index.numel()) with query row (b, i) of head h at ``out[out_index[b, i], h*hd:(h+1)*hd]``
     -- pass a RoutingPlan's ``inv_perm`` to get the attention output straight in routed order (the backward reads
-    dO in it too); out_index must be a permutation of range(T) (rows outside it are skipped, never written). Cu_seqlens are made bound-safe on the device. Inputs are validated by the caller
+    dO in it too); out_index must be a permutation of range(T) (rows outside it are skipped, never written).
+    ``deterministic``: backward without atomics (two kernels, bitwise repeatable); default the one-pass backward
+    (one kernel per key tile computes dK, dV and dQ, dQ accumulated with fp32 atomics). Cu_seqlens are made bound-safe on the device. Inputs are validated by the caller
     (:func:`vexpert_kernels.ops.attention.mixed_attention`); this function checks dtypes/devices only.
     """
     varlen = cu_seqlens_q is not None
@@ -56,5 +58,6 @@ def flash_attention(q, k, v, *, key_padding_mask=None, image_span_ids=None, bidi
     span = image_span_ids if bidirectional else None
     return _flash_attn_fwd_op(q, k, v, key_padding_mask, span, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                               int(max_seqlen_k), float(softmax_scale), bool(bidirectional and span is not None),
-                              None if fwd_config is None else [int(x) for x in fwd_config], out_index)
+                              None if fwd_config is None else [int(x) for x in fwd_config], out_index,
+                              bool(deterministic))
 

@@ -161,8 +161,9 @@ if HAS_TRITON:
     @triton.jit
     def _dkdv_tile(dk, dv, k, v, kkeep, ks, start_m, offs_m0, offs_n, n_valid, offs_d, d_valid, len_q, offset, q_ptr,
                    do_ptr, l_off, LSE, DELTA, stride_ql, stride_ol, stride_ll, span_b, qk_scale, oidx_b, T_OUT,
-                   MASKED: tl.constexpr, HAS_KPM: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
-                   PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_OIDX: tl.constexpr):
+                   dq_ptr, MASKED: tl.constexpr, HAS_KPM: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
+                   PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_OIDX: tl.constexpr,
+                   FUSED_DQ: tl.constexpr):
         # Works on the transposed scores [BLOCK_N, BLOCK_M] (as FA2): P^T and dS^T come out of the dots already in
         # the orientation dV += P^T dO and dK += dS^T Q need, so no register tensor is transposed (no layout shuffle
         # through shared memory, fewer live registers). kkeep/ks: the key tile's padding keep flags and span ids.
@@ -205,6 +206,10 @@ if HAS_TRITON:
         dpT = _dot(v, tl.trans(do), UPCAST, PREC)
         dsT = pT * (dpT - delta[None, :])
         dk += _dot(dsT.to(qT.dtype), tl.trans(qT), UPCAST, PREC)
+        if FUSED_DQ:  # the 5th matmul: dQ += dS K for this (query tile, key tile), fp32 atomics (unscaled)
+            dq = _dot(tl.trans(dsT.to(k.dtype)), k, UPCAST, PREC)
+            tl.atomic_add(dq_ptr + offs_m[:, None] * stride_ql + offs_d[None, :], dq,
+                          mask=m_valid[:, None] & d_valid[None, :])
         return dk, dv
 
     @triton.jit
@@ -335,15 +340,16 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_bwd_dkdv_kernel(
-        Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, KV_LO, KV_HI, KPM, SPAN, SPAN_START, OIDX,
+        Q, K, V, DO, DK, DV, DQ, LSE, DELTA, CU_Q, CU_K, KV_LO, KV_HI, KPM, SPAN, SPAN_START, OIDX,
         stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
         stride_ob, stride_oh, stride_ol, stride_lb, stride_lh, stride_ll, stride_mb, stride_sb, stride_ib,
         KVH, LQ, LK, T_OUT, qk_scale, sm_scale,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, BIDIR: tl.constexpr,
-        UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_OIDX: tl.constexpr,
+        UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_OIDX: tl.constexpr, FUSED_DQ: tl.constexpr,
     ):
-        # DK/DV are written with K/V's strides, DO is read with stride_o*.
+        # DK/DV are written with K/V's strides, DO is read with stride_o*. FUSED_DQ: also dQ (fp32 [Q's strides],
+        # zero-initialised, unscaled) by atomics -- the one-pass backward; else the dq kernel computes it.
         pid_n = tl.program_id(0)
         b, kvh, q_start, len_q, k_start, len_k = _program_rows(tl.program_id(1), KVH, CU_Q, CU_K, LQ, LK, IS_VARLEN)
         start_n = pid_n * BLOCK_N
@@ -395,23 +401,24 @@ if HAS_TRITON:
             else:
                 do_ptr = DO + _row_offset(b, h, q_start, stride_ob, stride_oh, stride_ol)
             l_off = _row_offset(b, h, q_start, stride_lb, stride_lh, stride_ll)
+            dq_ptr = DQ + _row_offset(b, h, q_start, stride_qb, stride_qh, stride_ql)
             # query tiles [m_a, m_b) are whole tiles whose every row sees every key of this tile causally: no
             # causal/span mask and no row masks there; the ragged ends run masked
             for start_m in range(m_lo, m_a, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, kkeep, ks, start_m, offs_m0, offs_n, n_valid, offs_d, d_valid,
                                     len_q, offset, q_ptr, do_ptr, l_off, LSE, DELTA, stride_ql, stride_ol, stride_ll,
-                                    span_b, qk_scale, oidx_b, T_OUT, True, HAS_KPM, BIDIR, UPCAST, PREC, HEAD_DIM,
-                                    BLOCK_D, HAS_OIDX)
+                                    span_b, qk_scale, oidx_b, T_OUT, dq_ptr, True, HAS_KPM, BIDIR, UPCAST, PREC,
+                                    HEAD_DIM, BLOCK_D, HAS_OIDX, FUSED_DQ)
             for start_m in range(m_a, m_b, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, kkeep, ks, start_m, offs_m0, offs_n, n_valid, offs_d, d_valid,
                                     len_q, offset, q_ptr, do_ptr, l_off, LSE, DELTA, stride_ql, stride_ol, stride_ll,
-                                    span_b, qk_scale, oidx_b, T_OUT, False, HAS_KPM, BIDIR, UPCAST, PREC, HEAD_DIM,
-                                    BLOCK_D, HAS_OIDX)
+                                    span_b, qk_scale, oidx_b, T_OUT, dq_ptr, False, HAS_KPM, BIDIR, UPCAST, PREC,
+                                    HEAD_DIM, BLOCK_D, HAS_OIDX, FUSED_DQ)
             for start_m in range(m_b, m_hi, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, kkeep, ks, start_m, offs_m0, offs_n, n_valid, offs_d, d_valid,
                                     len_q, offset, q_ptr, do_ptr, l_off, LSE, DELTA, stride_ql, stride_ol, stride_ll,
-                                    span_b, qk_scale, oidx_b, T_OUT, True, HAS_KPM, BIDIR, UPCAST, PREC, HEAD_DIM,
-                                    BLOCK_D, HAS_OIDX)
+                                    span_b, qk_scale, oidx_b, T_OUT, dq_ptr, True, HAS_KPM, BIDIR, UPCAST, PREC,
+                                    HEAD_DIM, BLOCK_D, HAS_OIDX, FUSED_DQ)
         dk = dk * sm_scale
         tl.store(DK + k_off + offs_n[:, None] * stride_kl + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nd_mask)
         tl.store(DV + v_off + offs_n[:, None] * stride_vl + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd_mask)

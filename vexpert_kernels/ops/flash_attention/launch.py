@@ -117,7 +117,11 @@ def _fwd_impl(q, k, v, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale, bidir
     return out, lse
 
 
-def _bwd_impl(do, q, k, v, out, lse, dlse, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale, bidir, oidx=None):
+def _bwd_impl(do, q, k, v, out, lse, dlse, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale, bidir, oidx=None,
+              deterministic=False):
+    """dq, dk, dv. Default: ONE kernel per key tile computes dK, dV and dQ (5 matmuls, dQ by fp32 atomics into a
+    zeroed buffer, scaled and cast here). ``deterministic``: the dq kernel recomputes the scores per query tile
+    instead (7 matmuls over two kernels, no atomics: bitwise repeatable)."""
     require_triton("the triton attention backend")
     pr = _Prepared(q, k, kpm, span, cu_q, cu_k, max_q, max_k, bidir, oidx)
     hd = q.shape[-1]
@@ -133,11 +137,13 @@ def _bwd_impl(do, q, k, v, out, lse, dlse, kpm, span, cu_q, cu_k, max_q, max_k, 
             *pr.ostrides(out), *pr.ostrides(do), *pr.lstrides(lse), pr.stride_ib, pr.H, pr.LQ, pr.t_out,
             HEAD_DIM=hd, BLOCK_D=_block_d(hd), BLOCK_M=bm, IS_VARLEN=pr.varlen, HAS_DLSE=dlse is not None,
             HAS_OIDX=pr.has_oidx, num_warps=nw)
-    dq = _new_like(q)  # q is dense (see flash_attention): empty_like keeps its strides; DQ is written with Q's
+    fused = not deterministic
+    # q is dense (see flash_attention): empty_like keeps its strides; DQ is written with Q's
+    dq = torch.zeros_like(q, dtype=torch.float32) if fused and q.numel() > 0 else _new_like(q)
     dk = _new_like(k)  # k/v are dense (see flash_attention): empty_like keeps their strides
     dv = _new_like(v)
     if q.numel() == 0 or k.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return torch.zeros_like(q), dk.zero_(), dv.zero_()
     if dk.stride() != k.stride() or dv.stride() != v.stride() or lse.stride() != delta.stride():
         raise AssertionError("internal: dk/dv must share k/v strides and delta lse's")
     ce = pr.common_constexprs(hd, q.dtype, q.device)
@@ -146,15 +152,17 @@ def _bwd_impl(do, q, k, v, out, lse, dlse, kpm, span, cu_q, cu_k, max_q, max_k, 
         raise AssertionError("internal: dq must share q's strides")
     common = (*pr.qstrides(q), *pr.qstrides(k), *pr.qstrides(v), *pr.ostrides(do), *pr.lstrides(lse), pr.stride_mb,
               pr.stride_sb, pr.stride_ib)
+    bm, bn, nw, ns = cfg["dkdv"]
+    _attn_bwd_dkdv_kernel[(triton.cdiv(pr.LK, bn), pr.B * pr.KV)](
+        q, k, v, do, dk, dv, dq, lse, delta, pr.cu_q, pr.cu_k, pr.kv_lo, pr.kv_hi, pr.kpm, pr.span, pr.span_start,
+        pr.oidx, *common, pr.KV, pr.LQ, pr.LK, pr.t_out, softmax_scale * LOG2E, softmax_scale,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, FUSED_DQ=fused, **ce)
+    if fused:
+        return (dq * softmax_scale).to(q.dtype), dk, dv
     bm, bn, nw, ns = cfg["dq"]
     _attn_bwd_dq_kernel[(triton.cdiv(pr.LQ, bm), pr.B * pr.H)](
         q, k, v, do, dq, lse, delta, pr.cu_q, pr.cu_k, pr.kv_lo, pr.kv_hi, pr.kpm, pr.span, pr.span_end, pr.oidx,
         *common, pr.H, pr.LQ, pr.LK, pr.t_out, softmax_scale * LOG2E, softmax_scale,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, **ce)
-    bm, bn, nw, ns = cfg["dkdv"]
-    _attn_bwd_dkdv_kernel[(triton.cdiv(pr.LK, bn), pr.B * pr.KV)](
-        q, k, v, do, dk, dv, lse, delta, pr.cu_q, pr.cu_k, pr.kv_lo, pr.kv_hi, pr.kpm, pr.span, pr.span_start,
-        pr.oidx, *common, pr.KV, pr.LQ, pr.LK, pr.t_out, softmax_scale * LOG2E, softmax_scale,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, **ce)
     return dq, dk, dv
 
