@@ -231,3 +231,41 @@ def test_triton_candidate_names_round_trip():
 
 def test_tune_key_buckets():
     assert [att.length_bucket(n) for n in (0, 1, 2, 3, 4, 5, 2048, 2049)] == [1, 1, 2, 4, 4, 8, 2048, 4096]
+
+
+# ------------------------------------------------------------------------------------------------- decode tiles
+def test_decode_uses_a_16_query_tile(monkeypatch):
+    from vexpert_kernels.ops.flash_attention import configs as fa_configs
+
+    for major, want in ((9, (16, 128, 4, 3)), (8, (16, 64, 4, 3))):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
+        dev = torch.device("cuda")
+        assert fa_configs._configs_for(dev, 128, False, False, lq=1)["fwd"] == want
+        assert fa_configs._configs_for(dev, 128, True, True, lq=16)["fwd"] == want
+        assert fa_configs._configs_for(dev, 128, False, False, lq=17)["fwd"][0] == 128
+        assert fa_configs.fwd_tune_configs(dev, 128, False, False, lq=1) == [want]
+        assert len(fa_configs.fwd_tune_configs(dev, 128, False, False, lq=2048)) >= 2
+
+
+@pytest.mark.parametrize("tile", [(16, 128, 4, 3), (16, 64, 4, 3)])
+def test_decode_tile_numerics(tile):
+    """The decode tiles (run through the interpreter): a few queries against a long, padded GQA KV cache."""
+    from vexpert_kernels.ops.flash_attention import flash_attention
+
+    g = torch.Generator().manual_seed(5)
+    B, H, KV, Lq, Lk, hd = 2, 2, 1, 3, 150, 16
+    q = torch.randn(B, H, Lq, hd, generator=g, requires_grad=True)
+    k = torch.randn(B, KV, Lk, hd, generator=g, requires_grad=True)
+    v = torch.randn(B, KV, Lk, hd, generator=g, requires_grad=True)
+    kpm = torch.ones(B, Lk, dtype=torch.bool)
+    kpm[0, :40] = False
+    kpm[1, 100:120] = False
+    out, lse = flash_attention(q, k, v, key_padding_mask=kpm, fwd_config=tile)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, rlse = mixed_attention(qd, kd, vd, key_padding_mask=kpm, backend="math", return_lse=True)
+    assert rel_err(out, ref) < 1e-5 and rel_err(lse, rlse) < 1e-5
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((out.double() * w).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * w).sum(), (qd, kd, vd))
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-5

@@ -116,7 +116,7 @@ def parse_triton_name(name: str):
     return (int(bm), int(bn), int(nw), int(ns))
 
 
-def _candidates(req: _Request, run, device, masked: bool) -> dict:
+def _candidates(req: _Request, run, device, masked: bool, lq: int) -> dict:
     """{name: fn} for autotune.select: every backend of TUNE_CANDIDATES that serves ``req`` (our kernel once per
     tuning tile) plus the static choice; each runs forward only, without autograd."""
     def nograd(name):
@@ -128,8 +128,8 @@ def _candidates(req: _Request, run, device, masked: bool) -> dict:
     names = []
     for b in serving_backends(req, TUNE_CANDIDATES):
         if b == "triton":
-            names += [triton_name(c) for c in fwd_tune_configs(device, max(16, 1 << (req.head_dim - 1).bit_length()),
-                                                               masked, req.varlen)]
+            block_d = max(16, 1 << (req.head_dim - 1).bit_length())
+            names += [triton_name(c) for c in fwd_tune_configs(device, block_d, masked, req.varlen, lq)]
         else:
             names.append(b)
     static = static_backend(req)
@@ -138,13 +138,13 @@ def _candidates(req: _Request, run, device, masked: bool) -> dict:
     return {n: nograd(n) for n in names}
 
 
-def _dispatch(backend, req: _Request, key: tuple, run, masked: bool, device=None):
+def _dispatch(backend, req: _Request, key: tuple, run, masked: bool, lq: int):
     """Resolve ``backend`` (auto: tune on CUDA), record it (``last_backend()``), run it."""
     name = _select_backend(backend, req)
     if name == "auto":
         from vexpert_kernels import autotune
 
-        cands = _candidates(req, run, torch.device(req.device) if device is None else device, masked)
+        cands = _candidates(req, run, torch.device(req.device), masked, lq)
 
         def reference():
             with torch.no_grad():
@@ -271,7 +271,7 @@ def mixed_attention(q, k, v, plan=None, *, key_padding_mask=None, image_span_ids
             return _sdpa_attention(q, k, v, None if simple_causal else keep, attn_bias, scale, simple_causal)
         return _math_attention(q, k, v, keep, attn_bias, scale, return_lse)
 
-    return _dispatch(backend, req, tune_key(req, H, k.shape[1], Lq, Lk), run, masked)
+    return _dispatch(backend, req, tune_key(req, H, k.shape[1], Lq, Lk), run, masked, Lq)
 
 
 def mixed_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, image_span_ids=None,
@@ -342,7 +342,8 @@ def mixed_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         return _varlen_by_sequence(name, q, k, v, cu_seqlens_q, cu_seqlens_k, image_span_ids, image_attention,
                                    bidir, scale, return_lse)
 
-    return _dispatch(backend, req, tune_key(req, H, k.shape[1], max_seqlen_q, max_seqlen_k), run, bidir)
+    return _dispatch(backend, req, tune_key(req, H, k.shape[1], max_seqlen_q, max_seqlen_k), run, bidir,
+                     max_seqlen_q)
 
 
 def _varlen_by_sequence(name, q, k, v, cu_seqlens_q, cu_seqlens_k, image_span_ids, image_attention, bidir, scale,

@@ -6,7 +6,7 @@ import torch
 from vexpert_kernels._aot import CompileSpec
 from vexpert_kernels._triton_compat import HAS_TRITON
 
-from .configs import _FWD_TUNE_ALTERNATIVES, _GPU_CONFIGS, _PREPROCESS_CONFIG, _block_d, _pick
+from .configs import _DECODE_CONFIG, _FWD_TUNE_ALTERNATIVES, _GPU_CONFIGS, _PREPROCESS_CONFIG, _block_d, _pick
 from .kernels import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel, _attn_fwd_kernel
 
 
@@ -45,8 +45,9 @@ def build_aot_specs() -> list:
                          ["KVH", "LQ", "LK", "T_OUT", "qk_scale", "sm_scale"]),
                     ):
                         tiles = [_pick(cfgs, kname, is_varlen)]
-                        if kname == "fwd" and dname == "bf16" and hd in (64, 128) and not routed:  # tuner's tiles
-                            tiles += [t for t in _FWD_TUNE_ALTERNATIVES if t != tiles[0]]
+                        if kname == "fwd" and dname == "bf16" and hd in (64, 128) and not routed:
+                            # the tuner's extra tiles and the decode tile (Lq <= DECODE_MAX_LQ)
+                            tiles += [t for t in (*_FWD_TUNE_ALTERNATIVES, _DECODE_CONFIG[cc]) if t != tiles[0]]
                         # dK/dV: the one-pass kernel (fused dQ, the default) always; the deterministic two-kernel
                         # split's dK/dV for bf16 at hd 64/128
                         fused_opts = (True, False) if kname == "dkdv" and dname == "bf16" and hd in (64, 128) else (

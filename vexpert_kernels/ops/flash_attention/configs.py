@@ -45,18 +45,29 @@ def _pick(cfgs: dict, kernel: str, varlen: bool) -> tuple:
     return cfgs.get(kernel + "_varlen", cfgs[kernel]) if varlen else cfgs[kernel]
 
 
-def _configs_for(device: torch.device, block_d: int, masked: bool, varlen: bool = False) -> dict:
-    """{"fwd"|"dq"|"dkdv": (BLOCK_M, BLOCK_N, num_warps, num_stages)} for this device and problem."""
+# Decode (at most DECODE_MAX_LQ queries per sequence, e.g. one new token against a KV cache): a 16-query tile over 4
+# warps instead of a 128-row tile that would be >= 87% masked rows, and the widest key tile the shared memory holds
+# (sm_90: 3 stages of 128-key K and V tiles = 192 KB of 228 KB; sm_80: 64 keys, 96 KB of 164 KB). The aot.py
+# "decode" specs check them for spills. Backward keeps the training tiles.
+DECODE_MAX_LQ = 16
+_DECODE_CONFIG = {9: (16, 128, 4, 3), 8: (16, 64, 4, 3)}
+
+
+def _configs_for(device: torch.device, block_d: int, masked: bool, varlen: bool = False, lq: int = None) -> dict:
+    """{"fwd"|"dq"|"dkdv": (BLOCK_M, BLOCK_N, num_warps, num_stages)} for this device and problem; ``lq``: the
+    (max) number of queries per sequence (decode tiles when <= DECODE_MAX_LQ)."""
     if device.type != "cuda":
         return _INTERPRET_CONFIG
-    major = torch.cuda.get_device_capability(device)[0]
-    cfgs = _GPU_CONFIGS[(9 if major >= 9 else 8, _d_bucket(block_d), bool(masked or varlen))]
-    return {k: _pick(cfgs, k, varlen) for k in ("fwd", "dq", "dkdv")}
+    major = 9 if torch.cuda.get_device_capability(device)[0] >= 9 else 8
+    cfgs = _GPU_CONFIGS[(major, _d_bucket(block_d), bool(masked or varlen))]
+    out = {k: _pick(cfgs, k, varlen) for k in ("fwd", "dq", "dkdv")}
+    if lq is not None and lq <= DECODE_MAX_LQ:
+        out["fwd"] = _DECODE_CONFIG[major]
+    return out
 
 
 def _block_d(hd: int) -> int:
     return max(16, triton.next_power_of_2(hd)) if HAS_TRITON else max(16, 1 << (hd - 1).bit_length())
-
 
 
 # Forward tiles the autotuner times besides the table's choice (vexpert_kernels.autotune.select checks each against
@@ -66,9 +77,9 @@ def _block_d(hd: int) -> int:
 _FWD_TUNE_ALTERNATIVES = ((128, 32, 8, 2), (64, 64, 4, 2))
 
 
-def fwd_tune_configs(device: torch.device, block_d: int, masked: bool, varlen: bool = False) -> list:
+def fwd_tune_configs(device: torch.device, block_d: int, masked: bool, varlen: bool = False, lq: int = None) -> list:
     """Forward (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for tuning: the table's choice first."""
-    first = _configs_for(device, block_d, masked, varlen)["fwd"]
-    if device.type != "cuda":
+    first = _configs_for(device, block_d, masked, varlen, lq)["fwd"]
+    if device.type != "cuda" or first in _DECODE_CONFIG.values():
         return [first]
     return [first] + [c for c in _FWD_TUNE_ALTERNATIVES if c != first]

@@ -107,7 +107,7 @@ def _fwd_impl(q, k, v, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale, bidir
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     ce = pr.common_constexprs(hd, q.dtype, q.device)
-    bm, bn, nw, ns = fwd_cfg or _configs_for(q.device, ce["BLOCK_D"], pr.has_kpm or pr.bidir, pr.varlen)["fwd"]
+    bm, bn, nw, ns = fwd_cfg or _configs_for(q.device, ce["BLOCK_D"], pr.has_kpm or pr.bidir, pr.varlen, pr.LQ)["fwd"]
     grid = (triton.cdiv(pr.LQ, bm), pr.B * pr.H)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, pr.cu_q, pr.cu_k, pr.kv_lo, pr.kv_hi, pr.kpm, pr.span, pr.span_end, pr.oidx,
