@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from vexpert_kernels.ops.flash_attention import flash_attention, fwd_tune_configs
+from vexpert_kernels.ops.flash_attention import flash_attention, fwd_tune_configs, tma_usable
 
 from vexpert_kernels.validation import check_cu_seqlens, check_positive_finite, check_tensor, debug_checks_enabled
 
@@ -101,22 +101,22 @@ def _default_scale(softmax_scale, hd):
 
 # ------------------------------------------------------------------------------------------------- auto dispatch
 def triton_name(cfg) -> str:
-    """Stable candidate name of our kernel with forward tile ``cfg`` = (BLOCK_M, BLOCK_N, warps, stages)."""
-    bm, bn, nw, ns = cfg
-    return f"triton:{bm}x{bn}:w{nw}s{ns}"
+    """Stable candidate name of our kernel with forward tile ``cfg`` = (BLOCK_M, BLOCK_N, warps, stages[, tma])."""
+    bm, bn, nw, ns, *tma = cfg
+    return f"triton:{bm}x{bn}:w{nw}s{ns}" + (":tma" if tma and tma[0] else "")
 
 
 def parse_triton_name(name: str):
     """Inverse of :func:`triton_name`; plain "triton" -> None (the table's tile)."""
     if ":" not in name:
         return None
-    _, tile, ws = name.split(":")
+    _, tile, ws, *tma = name.split(":")
     bm, bn = tile.split("x")
     nw, ns = ws[1:].split("s")
-    return (int(bm), int(bn), int(nw), int(ns))
+    return (int(bm), int(bn), int(nw), int(ns)) + ((1,) if tma == ["tma"] else ())
 
 
-def _candidates(req: _Request, run, device, masked: bool, lq: int) -> dict:
+def _candidates(req: _Request, run, device, masked: bool, lq: int, tma: bool) -> dict:
     """{name: fn} for autotune.select: every backend of TUNE_CANDIDATES that serves ``req`` (our kernel once per
     tuning tile) plus the static choice; each runs forward only, without autograd."""
     def nograd(name):
@@ -129,7 +129,7 @@ def _candidates(req: _Request, run, device, masked: bool, lq: int) -> dict:
     for b in serving_backends(req, TUNE_CANDIDATES):
         if b == "triton":
             block_d = max(16, 1 << (req.head_dim - 1).bit_length())
-            names += [triton_name(c) for c in fwd_tune_configs(device, block_d, masked, req.varlen, lq)]
+            names += [triton_name(c) for c in fwd_tune_configs(device, block_d, masked, req.varlen, lq, tma)]
         else:
             names.append(b)
     static = static_backend(req)
@@ -138,13 +138,13 @@ def _candidates(req: _Request, run, device, masked: bool, lq: int) -> dict:
     return {n: nograd(n) for n in names}
 
 
-def _dispatch(backend, req: _Request, key: tuple, run, masked: bool, lq: int):
+def _dispatch(backend, req: _Request, key: tuple, run, masked: bool, lq: int, tma: bool = False):
     """Resolve ``backend`` (auto: tune on CUDA), record it (``last_backend()``), run it."""
     name = _select_backend(backend, req)
     if name == "auto":
         from vexpert_kernels import autotune
 
-        cands = _candidates(req, run, torch.device(req.device), masked, lq)
+        cands = _candidates(req, run, torch.device(req.device), masked, lq, tma)
 
         def reference():
             with torch.no_grad():
@@ -271,7 +271,7 @@ def mixed_attention(q, k, v, plan=None, *, key_padding_mask=None, image_span_ids
             return _sdpa_attention(q, k, v, None if simple_causal else keep, attn_bias, scale, simple_causal)
         return _math_attention(q, k, v, keep, attn_bias, scale, return_lse)
 
-    return _dispatch(backend, req, tune_key(req, H, k.shape[1], Lq, Lk), run, masked, Lq)
+    return _dispatch(backend, req, tune_key(req, H, k.shape[1], Lq, Lk), run, masked, Lq, tma_usable(q, k, v))
 
 
 def mixed_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, image_span_ids=None,
@@ -343,7 +343,7 @@ def mixed_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                    bidir, scale, return_lse)
 
     return _dispatch(backend, req, tune_key(req, H, k.shape[1], max_seqlen_q, max_seqlen_k), run, bidir,
-                     max_seqlen_q)
+                     max_seqlen_q, tma_usable(q, k, v))
 
 
 def _varlen_by_sequence(name, q, k, v, cu_seqlens_q, cu_seqlens_k, image_span_ids, image_attention, bidir, scale,

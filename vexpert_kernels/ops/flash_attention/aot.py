@@ -6,7 +6,7 @@ import torch
 from vexpert_kernels._aot import CompileSpec
 from vexpert_kernels._triton_compat import HAS_TRITON
 
-from .configs import _DECODE_CONFIG, _FWD_TUNE_ALTERNATIVES, _GPU_CONFIGS, _PREPROCESS_CONFIG, _block_d, _pick
+from .configs import _DECODE_CONFIG, _FWD_TUNE_ALTERNATIVES, _TMA_FWD_CONFIGS, _GPU_CONFIGS, _PREPROCESS_CONFIG, _block_d, _pick
 from .kernels import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel, _attn_fwd_kernel
 
 
@@ -48,11 +48,14 @@ def build_aot_specs() -> list:
                         if kname == "fwd" and dname == "bf16" and hd in (64, 128) and not routed:
                             # the tuner's extra tiles and the decode tile (Lq <= DECODE_MAX_LQ)
                             tiles += [t for t in (*_FWD_TUNE_ALTERNATIVES, _DECODE_CONFIG[cc]) if t != tiles[0]]
+                            if cc == 9:  # the TMA forward (tuning candidates on sm_90)
+                                tiles += list(_TMA_FWD_CONFIGS[masked])
                         # dK/dV: the one-pass kernel (fused dQ, the default) always; the deterministic two-kernel
                         # split's dK/dV for bf16 at hd 64/128
                         fused_opts = (True, False) if kname == "dkdv" and dname == "bf16" and hd in (64, 128) else (
                             (True,) if kname == "dkdv" else (None,))
-                        for (bm, bn, nw, ns), fused in [(t, f) for t in tiles for f in fused_opts]:
+                        for (bm, bn, nw, ns, *tma), fused in [(t, f) for t in tiles for f in fused_opts]:
+                            use_tma = bool(tma and tma[0])
                             last = "SPAN_START" if kname == "dkdv" else "SPAN_END"
                             sig = {n: "*" + t for n, t in ptrs}
                             for n in ("CU_Q", "CU_K", "KV_LO", "KV_HI"):
@@ -68,12 +71,15 @@ def build_aot_specs() -> list:
                             consts = dict(ce, BLOCK_M=bm, BLOCK_N=bn)
                             if fused is not None:
                                 consts["FUSED_DQ"] = fused
+                            if kname == "fwd":
+                                consts["USE_TMA"] = use_tma
                             for n in consts:
                                 sig[n] = "constexpr"
                             sig = {n: sig[n] for n in fn.arg_names}  # ASTSource wants the kernel's argument order
                             specs.append(CompileSpec(
                                 name=f"flash_attn_{kname}{'_det' if fused is False else ''}[sm{cc}x,{variant},{dname},"
-                                     f"hd{hd},{bm}x{bn},w{nw}s{ns}]", fn=fn,
+                                     f"hd{hd},{bm}x{bn},w{nw}s{ns}{',tma' if use_tma else ''}]", fn=fn,
+                                expects_tma=use_tma,
                                 signature=sig, constexprs=consts, num_warps=nw, num_stages=ns, targets=(cc * 10,),
                                 # row/head/batch strides of q/k/v/o are multiples of 16 elements for head dims 64..128:
                                 # the JIT specialises on that at run time (vectorised 16-byte loads), so the AOT build must

@@ -77,9 +77,22 @@ def _block_d(hd: int) -> int:
 _FWD_TUNE_ALTERNATIVES = ((128, 32, 8, 2), (64, 64, 4, 2))
 
 
-def fwd_tune_configs(device: torch.device, block_d: int, masked: bool, varlen: bool = False, lq: int = None) -> list:
-    """Forward (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for tuning: the table's choice first."""
+# sm_90 TMA forward (K/V by tensor descriptors: no address registers, so the 128-key tile fits): tuning candidates
+# only -- never the untuned default -- each (BLOCK_M, BLOCK_N, warps, stages, USE_TMA=1). 128x128 with 2 stages:
+# Q 32 KB + 2 x (K 32 KB + V 32 KB) = 160 KB of 228 KB shared memory at hd 128. Keyed by masked (padding, image
+# spans or varlen): the 128-key tile spilled 8 B there (padded bidirectional, hd 64, Triton 3.6: 255 registers), so
+# masked requests get the 64-key TMA tile only.
+_TMA_FWD_CONFIGS = {False: ((128, 128, 8, 2, 1), (128, 64, 8, 3, 1)), True: ((128, 64, 8, 3, 1),)}
+
+
+def fwd_tune_configs(device: torch.device, block_d: int, masked: bool, varlen: bool = False, lq: int = None,
+                     tma: bool = False) -> list:
+    """Forward (BLOCK_M, BLOCK_N, num_warps, num_stages[, USE_TMA]) candidates for tuning: the table's choice
+    first; ``tma``: the tensors allow TMA (launch.tma_usable) -- adds the TMA tiles on sm_90."""
     first = _configs_for(device, block_d, masked, varlen, lq)["fwd"]
     if device.type != "cuda" or first in _DECODE_CONFIG.values():
         return [first]
-    return [first] + [c for c in _FWD_TUNE_ALTERNATIVES if c != first]
+    out = [first] + [c for c in _FWD_TUNE_ALTERNATIVES if c != first]
+    if tma and torch.cuda.get_device_capability(device)[0] >= 9:
+        out += list(_TMA_FWD_CONFIGS[bool(masked or varlen)])
+    return out

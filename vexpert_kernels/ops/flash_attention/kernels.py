@@ -122,10 +122,16 @@ if HAS_TRITON:
     def _fwd_tile(q, m_i, l_i, acc, start_n, hi, offs_n0, offs_d, d_valid, offs_m, m_valid, qpos, qs, b, offset,
                   k_ptr, v_ptr, stride_kl, stride_vl, KPM, stride_mb, span_b, qk_scale,
                   MASKED: tl.constexpr, HAS_KPM: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
-                  PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+                  PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
+        # USE_TMA: k_ptr/v_ptr are tensor descriptors over this sequence's [len_k, HEAD_DIM] rows (bulk async copies,
+        # rows past len_k and columns past HEAD_DIM arrive as zeros; no address registers)
         offs_n = start_n + offs_n0
         n_valid = offs_n < hi
-        k = _load_rows(k_ptr + offs_n[:, None] * stride_kl + offs_d[None, :], n_valid, d_valid, MASKED, HEAD_DIM, BLOCK_D)
+        if USE_TMA:
+            k = k_ptr.load([start_n, 0])
+        else:
+            k = _load_rows(k_ptr + offs_n[:, None] * stride_kl + offs_d[None, :], n_valid, d_valid, MASKED, HEAD_DIM,
+                           BLOCK_D)
         s = _dot(q, tl.trans(k), UPCAST, PREC) * qk_scale  # log2 domain: qk_scale = softmax_scale * log2(e)
         if MASKED or HAS_KPM:
             ok = _tile_mask(offs_m, offs_n, m_valid, n_valid, qpos, qs, b, offset, KPM, stride_mb, span_b,
@@ -136,7 +142,13 @@ if HAS_TRITON:
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_ptr + offs_n[:, None] * stride_vl + offs_d[None, :], n_valid, d_valid, MASKED, HEAD_DIM, BLOCK_D)
+        if USE_TMA:
+            v = v_ptr.load([start_n, 0])
+            if MASKED:  # rows in [hi, len_k) are real (maybe non-finite padding) values: p = 0 there, but 0 * inf = nan
+                v = tl.where(n_valid[:, None], v, 0.0)
+        else:
+            v = _load_rows(v_ptr + offs_n[:, None] * stride_vl + offs_d[None, :], n_valid, d_valid, MASKED, HEAD_DIM,
+                           BLOCK_D)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PREC)
         return m_new, l_i, acc
 
@@ -220,7 +232,7 @@ if HAS_TRITON:
         H, LQ, LK, T_OUT, qk_scale,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, BIDIR: tl.constexpr,
-        UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_OIDX: tl.constexpr,
+        UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_OIDX: tl.constexpr, USE_TMA: tl.constexpr = False,
     ):
         # heavy (late, long-causal-range) query tiles first: better tail balance on the causal triangle
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -248,6 +260,11 @@ if HAS_TRITON:
             qs = tl.load(span_b + offs_m, mask=m_valid, other=0)
         lo, hi = _key_range(b, start_m, len_q, len_k, offs_m, m_valid, KV_LO, KV_HI, SPAN_END + b64 * stride_sb + q_start,
                             HAS_KPM, BIDIR, BLOCK_M, BLOCK_N)
+        if USE_TMA:  # sm_90: K/V tiles by the tensor memory accelerator (descriptors built on the device)
+            k_ptr = tl.make_tensor_descriptor(k_ptr, shape=[len_k, HEAD_DIM], strides=[stride_kl, 1],
+                                              block_shape=[BLOCK_N, BLOCK_D])
+            v_ptr = tl.make_tensor_descriptor(v_ptr, shape=[len_k, HEAD_DIM], strides=[stride_vl, 1],
+                                              block_shape=[BLOCK_N, BLOCK_D])
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -257,11 +274,11 @@ if HAS_TRITON:
         for start_n in range(lo, full_end, BLOCK_N):
             m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, start_n, hi, offs_n0, offs_d, d_valid, offs_m, m_valid, qpos,
                                       qs, b, offset, k_ptr, v_ptr, stride_kl, stride_vl, KPM, stride_mb, span_b,
-                                      qk_scale, False, HAS_KPM, BIDIR, UPCAST, PREC, HEAD_DIM, BLOCK_D)
+                                      qk_scale, False, HAS_KPM, BIDIR, UPCAST, PREC, HEAD_DIM, BLOCK_D, USE_TMA)
         for start_n in range(full_end, hi, BLOCK_N):
             m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, start_n, hi, offs_n0, offs_d, d_valid, offs_m, m_valid, qpos,
                                       qs, b, offset, k_ptr, v_ptr, stride_kl, stride_vl, KPM, stride_mb, span_b,
-                                      qk_scale, True, HAS_KPM, BIDIR, UPCAST, PREC, HEAD_DIM, BLOCK_D)
+                                      qk_scale, True, HAS_KPM, BIDIR, UPCAST, PREC, HEAD_DIM, BLOCK_D, USE_TMA)
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
         out = acc / l_safe[:, None]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from vexpert_kernels._triton_compat import interpret_mode, require_triton, triton
+from vexpert_kernels._triton_compat import interpret_mode, require_triton, tl, triton
 
 from .configs import _PREPROCESS_CONFIG, _block_d, _configs_for
 from .kernels import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel, _attn_fwd_kernel
@@ -98,6 +98,30 @@ def _lse_shape(q, varlen):
     return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[1], q.shape[2])
 
 
+def tma_usable(q, k, v) -> bool:
+    """Whether the TMA forward can address these tensors: the tensor-descriptor API, 16-byte aligned bases and row
+    strides (the descriptor's requirements), unit-stride head dim, a head dim that is its own tile (no padding
+    columns)."""
+    if not hasattr(tl, "make_tensor_descriptor") or not hasattr(triton, "set_allocator"):
+        return False
+    hd = q.shape[-1]
+    if _block_d(hd) != hd:
+        return False
+    for t in (k, v):
+        if t.stride(-1) != 1 or (t.stride(-2) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return False
+    return True
+
+
+def _set_tma_allocator(device) -> None:
+    """Device-side tensor descriptors need Triton's global scratch allocator (a small buffer per launch). Set only
+    when a TMA launch happens (never on the default path): a process-wide Triton setting."""
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device=device)
+
+    triton.set_allocator(alloc)
+
+
 def _fwd_impl(q, k, v, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale, bidir, fwd_cfg=None, oidx=None):
     require_triton("the triton attention backend")
     pr = _Prepared(q, k, kpm, span, cu_q, cu_k, max_q, max_k, bidir, oidx)
@@ -107,13 +131,19 @@ def _fwd_impl(q, k, v, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale, bidir
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     ce = pr.common_constexprs(hd, q.dtype, q.device)
-    bm, bn, nw, ns = fwd_cfg or _configs_for(q.device, ce["BLOCK_D"], pr.has_kpm or pr.bidir, pr.varlen, pr.LQ)["fwd"]
+    bm, bn, nw, ns, *tma = fwd_cfg or _configs_for(q.device, ce["BLOCK_D"], pr.has_kpm or pr.bidir, pr.varlen,
+                                                   pr.LQ)["fwd"]
+    use_tma = bool(tma and tma[0])
+    if use_tma:
+        if not tma_usable(q, k, v):
+            raise ValueError("the TMA forward needs 16-byte aligned K/V rows and a power-of-two head dim >= 16")
+        _set_tma_allocator(q.device)
     grid = (triton.cdiv(pr.LQ, bm), pr.B * pr.H)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, pr.cu_q, pr.cu_k, pr.kv_lo, pr.kv_hi, pr.kpm, pr.span, pr.span_end, pr.oidx,
         *pr.qstrides(q), *pr.qstrides(k), *pr.qstrides(v), *pr.ostrides(out), *pr.lstrides(lse),
         pr.stride_mb, pr.stride_sb, pr.stride_ib, pr.H, pr.LQ, pr.LK, pr.t_out, softmax_scale * LOG2E,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, **ce)
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, USE_TMA=use_tma, **ce)
     return out, lse
 
 
