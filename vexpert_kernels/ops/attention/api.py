@@ -138,12 +138,13 @@ def _candidates(req: _Request, run, device, masked: bool, lq: int, tma: bool) ->
     return {n: nograd(n) for n in names}
 
 
-def _dispatch(backend, req: _Request, key: tuple, run, masked: bool, lq: int, tma: bool = False):
+def _dispatch(backend, req: _Request, key: tuple, run, masked: bool, lq: int, tensors=()):
     """Resolve ``backend`` (auto: tune on CUDA), record it (``last_backend()``), run it."""
     name = _select_backend(backend, req)
     if name == "auto":
         from vexpert_kernels import autotune
 
+        tma = bool(tensors) and not torch.compiler.is_compiling() and tma_usable(*tensors)
         cands = _candidates(req, run, torch.device(req.device), masked, lq, tma)
 
         def reference():
@@ -271,7 +272,7 @@ def mixed_attention(q, k, v, plan=None, *, key_padding_mask=None, image_span_ids
             return _sdpa_attention(q, k, v, None if simple_causal else keep, attn_bias, scale, simple_causal)
         return _math_attention(q, k, v, keep, attn_bias, scale, return_lse)
 
-    return _dispatch(backend, req, tune_key(req, H, k.shape[1], Lq, Lk), run, masked, Lq, tma_usable(q, k, v))
+    return _dispatch(backend, req, tune_key(req, H, k.shape[1], Lq, Lk), run, masked, Lq, (q, k, v))
 
 
 def mixed_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, image_span_ids=None,
@@ -343,7 +344,7 @@ def mixed_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                    bidir, scale, return_lse)
 
     return _dispatch(backend, req, tune_key(req, H, k.shape[1], max_seqlen_q, max_seqlen_k), run, bidir,
-                     max_seqlen_q, tma_usable(q, k, v))
+                     max_seqlen_q, (q, k, v))
 
 
 def _varlen_by_sequence(name, q, k, v, cu_seqlens_q, cu_seqlens_k, image_span_ids, image_attention, bidir, scale,

@@ -47,14 +47,16 @@ def build_aot_specs() -> list:
                         tiles = [_pick(cfgs, kname, is_varlen)]
                         if kname == "fwd" and dname == "bf16" and hd in (64, 128) and not routed:
                             # the tuner's extra tiles and the decode tile (Lq <= DECODE_MAX_LQ)
-                            tiles += [t for t in (*_FWD_TUNE_ALTERNATIVES, _DECODE_CONFIG[cc]) if t != tiles[0]]
+                            alts = (*_FWD_TUNE_ALTERNATIVES[dbucket], _DECODE_CONFIG[cc])
+                            tiles += [t for i, t in enumerate(alts) if t != tiles[0] and t not in alts[:i]]
                             if cc == 9:  # the TMA forward (tuning candidates on sm_90)
                                 tiles += list(_TMA_FWD_CONFIGS[masked])
                         # dK/dV: the one-pass kernel (fused dQ, the default) always; the deterministic two-kernel
                         # split's dK/dV for bf16 at hd 64/128
                         fused_opts = (True, False) if kname == "dkdv" and dname == "bf16" and hd in (64, 128) else (
                             (True,) if kname == "dkdv" else (None,))
-                        for (bm, bn, nw, ns, *tma), fused in [(t, f) for t in tiles for f in fused_opts]:
+                        tile_of = {None: tiles, False: tiles, True: [cfgs.get("dkdv_fused", tiles[0])]}
+                        for (bm, bn, nw, ns, *tma), fused in [(t, f) for f in fused_opts for t in tile_of[f]]:
                             use_tma = bool(tma and tma[0])
                             last = "SPAN_START" if kname == "dkdv" else "SPAN_END"
                             sig = {n: "*" + t for n, t in ptrs}

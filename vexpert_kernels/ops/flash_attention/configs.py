@@ -29,12 +29,16 @@ _GPU_CONFIGS = {
     (8, 64, True): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 2), "dkdv": (16, 64, 8, 2),
                     "fwd_varlen": (128, 64, 8, 2)},  # 3 stages spill 8 B under Triton 3.6 with cu_seqlens
     (8, 128, False): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 2), "dkdv": (32, 64, 8, 2)},
-    (8, 128, True): {"fwd": (128, 32, 8, 3), "dq": (64, 32, 4, 2), "dkdv": (32, 64, 8, 2)},
+    # one-pass backward ("dkdv_fused": dK/dV + atomic dQ): 32x64 spilled 16-32 B under Triton 3.9 (hd 80/96,
+    # routed hd 128); 16x64 w8s2 compiles at 255 registers without spills under 3.6 and 3.9
+    (8, 128, True): {"fwd": (128, 32, 8, 3), "dq": (64, 32, 4, 2), "dkdv": (32, 64, 8, 2),
+                     "dkdv_fused": (16, 64, 8, 2)},
 }
 # rowsum(dO*O): memory bound, one pass; 64 rows x up to 128 dims per program keeps it spill-free on 4 warps.
 _PREPROCESS_CONFIG = (64, 4)
 # The interpreter runs every tile op in numpy: the smallest legal tl.dot tiles keep tests fast.
-_INTERPRET_CONFIG = {"fwd": (16, 16, 4, 1), "dq": (16, 16, 4, 1), "dkdv": (16, 16, 4, 1)}
+_INTERPRET_CONFIG = {"fwd": (16, 16, 4, 1), "dq": (16, 16, 4, 1), "dkdv": (16, 16, 4, 1),
+                     "dkdv_fused": (16, 16, 4, 1)}
 
 
 def _d_bucket(block_d: int) -> int:
@@ -46,21 +50,25 @@ def _pick(cfgs: dict, kernel: str, varlen: bool) -> tuple:
 
 
 # Decode (at most DECODE_MAX_LQ queries per sequence, e.g. one new token against a KV cache): a 16-query tile over 4
-# warps instead of a 128-row tile that would be >= 87% masked rows, and the widest key tile the shared memory holds
-# (sm_90: 3 stages of 128-key K and V tiles = 192 KB of 228 KB; sm_80: 64 keys, 96 KB of 164 KB). The aot.py
-# "decode" specs check them for spills. Backward keeps the training tiles.
+# warps instead of a 128-row tile that would be >= 87% masked rows, over 64-key tiles in 3 stages (96 KB of shared
+# memory at hd 128). 128-key tiles spilled 8-16 B with padding/spans/varlen (sm_90 hd 64 under Triton 3.6, sm_80
+# hd 128 under 3.9: ptxas capped them at 128 registers); 16x64 w4s3 compiles at 138-152 registers without spills.
+# The aot.py specs with a 16-query fwd tile check them. Backward keeps the training tiles.
 DECODE_MAX_LQ = 16
-_DECODE_CONFIG = {9: (16, 128, 4, 3), 8: (16, 64, 4, 3)}
+_DECODE_CONFIG = {9: (16, 64, 4, 3), 8: (16, 64, 4, 3)}
 
 
 def _configs_for(device: torch.device, block_d: int, masked: bool, varlen: bool = False, lq: int = None) -> dict:
     """{"fwd"|"dq"|"dkdv": (BLOCK_M, BLOCK_N, num_warps, num_stages)} for this device and problem; ``lq``: the
     (max) number of queries per sequence (decode tiles when <= DECODE_MAX_LQ)."""
     if device.type != "cuda":
-        return _INTERPRET_CONFIG
+        out = dict(_INTERPRET_CONFIG)
+        out.setdefault("dkdv_fused", out["dkdv"])
+        return out
     major = 9 if torch.cuda.get_device_capability(device)[0] >= 9 else 8
     cfgs = _GPU_CONFIGS[(major, _d_bucket(block_d), bool(masked or varlen))]
     out = {k: _pick(cfgs, k, varlen) for k in ("fwd", "dq", "dkdv")}
+    out["dkdv_fused"] = cfgs.get("dkdv_fused", out["dkdv"])
     if lq is not None and lq <= DECODE_MAX_LQ:
         out["fwd"] = _DECODE_CONFIG[major]
     return out
@@ -72,9 +80,9 @@ def _block_d(hd: int) -> int:
 
 # Forward tiles the autotuner times besides the table's choice (vexpert_kernels.autotune.select checks each against
 # the PyTorch result): smaller tiles win on short or heavily padded sequences and on few (batch x head) programs.
-# Both are no larger than any table entry for their bucket, so they compile without spills where the table does
-# (aot.py lists them: "fwd_tune" specs).
-_FWD_TUNE_ALTERNATIVES = ((128, 32, 8, 2), (64, 64, 4, 2))
+# (aot.py lists them with the table's tiles). 64x64 over 4 warps only for head dims <= 64: at hd 128 it spilled
+# 24 B on sm_80 with padding + spans (255 registers, Triton 3.6) and sat at 252 registers on sm_90.
+_FWD_TUNE_ALTERNATIVES = {64: ((128, 32, 8, 2), (64, 64, 4, 2)), 128: ((128, 32, 8, 2),)}
 
 
 # sm_90 TMA forward (K/V by tensor descriptors: no address registers, so the 128-key tile fits): tuning candidates
@@ -92,7 +100,7 @@ def fwd_tune_configs(device: torch.device, block_d: int, masked: bool, varlen: b
     first = _configs_for(device, block_d, masked, varlen, lq)["fwd"]
     if device.type != "cuda" or first in _DECODE_CONFIG.values():
         return [first]
-    out = [first] + [c for c in _FWD_TUNE_ALTERNATIVES if c != first]
+    out = [first] + [c for c in _FWD_TUNE_ALTERNATIVES[_d_bucket(block_d)] if c != first]
     if tma and torch.cuda.get_device_capability(device)[0] >= 9:
         out += list(_TMA_FWD_CONFIGS[bool(masked or varlen)])
     return out

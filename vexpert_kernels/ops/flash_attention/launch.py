@@ -182,7 +182,7 @@ def _bwd_impl(do, q, k, v, out, lse, dlse, kpm, span, cu_q, cu_k, max_q, max_k, 
         raise AssertionError("internal: dq must share q's strides")
     common = (*pr.qstrides(q), *pr.qstrides(k), *pr.qstrides(v), *pr.ostrides(do), *pr.lstrides(lse), pr.stride_mb,
               pr.stride_sb, pr.stride_ib)
-    bm, bn, nw, ns = cfg["dkdv"]
+    bm, bn, nw, ns = cfg["dkdv_fused" if fused else "dkdv"]
     _attn_bwd_dkdv_kernel[(triton.cdiv(pr.LK, bn), pr.B * pr.KV)](
         q, k, v, do, dk, dv, dq, lse, delta, pr.cu_q, pr.cu_k, pr.kv_lo, pr.kv_hi, pr.kpm, pr.span, pr.span_start,
         pr.oidx, *common, pr.KV, pr.LQ, pr.LK, pr.t_out, softmax_scale * LOG2E, softmax_scale,
