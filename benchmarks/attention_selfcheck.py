@@ -10,7 +10,7 @@ from vexpert_kernels.ops import mixed_attention
 
 
 def _gpu_selfcheck() -> int:  # pragma: no cover - needs a CUDA device
-    """``python -m vexpert_kernels.ops.attention``: triton vs the fp32 math oracle on CUDA (fwd + grads, causal,
+    """``python benchmarks/attention_selfcheck.py``: triton vs the fp32 math oracle on CUDA (fwd + grads, causal,
     padding, GQA, KV offset, bidirectional spans, varlen), then causal timings vs SDPA at 4x2048 and 1x4096, 32x128.
     Prints one JSON object per line; exit status 1 if a correctness check fails."""
     import json

@@ -237,7 +237,7 @@ def test_tune_key_buckets():
 def test_decode_uses_a_16_query_tile(monkeypatch):
     from vexpert_kernels.ops.flash_attention import configs as fa_configs
 
-    for major, want in ((9, (16, 64, 4, 3)), (8, (16, 64, 4, 3))):
+    for major, want in ((9, (16, 64, 8, 3)), (8, (16, 64, 8, 3))):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
         dev = torch.device("cuda")
         assert fa_configs._configs_for(dev, 128, False, False, lq=1)["fwd"] == want
@@ -247,7 +247,7 @@ def test_decode_uses_a_16_query_tile(monkeypatch):
         assert len(fa_configs.fwd_tune_configs(dev, 128, False, False, lq=2048)) >= 2
 
 
-@pytest.mark.parametrize("tile", [(16, 128, 4, 3), (16, 64, 4, 3)])
+@pytest.mark.parametrize("tile", [(16, 64, 8, 3), (16, 128, 4, 3)])
 def test_decode_tile_numerics(tile):
     """The decode tiles (run through the interpreter): a few queries against a long, padded GQA KV cache."""
     from vexpert_kernels.ops.flash_attention import flash_attention

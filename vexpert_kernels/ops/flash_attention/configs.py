@@ -49,13 +49,13 @@ def _pick(cfgs: dict, kernel: str, varlen: bool) -> tuple:
     return cfgs.get(kernel + "_varlen", cfgs[kernel]) if varlen else cfgs[kernel]
 
 
-# Decode (at most DECODE_MAX_LQ queries per sequence, e.g. one new token against a KV cache): a 16-query tile over 4
-# warps instead of a 128-row tile that would be >= 87% masked rows, over 64-key tiles in 3 stages (96 KB of shared
-# memory at hd 128). 128-key tiles spilled 8-16 B with padding/spans/varlen (sm_90 hd 64 under Triton 3.6, sm_80
-# hd 128 under 3.9: ptxas capped them at 128 registers); 16x64 w4s3 compiles at 138-152 registers without spills.
-# The aot.py specs with a 16-query fwd tile check them. Backward keeps the training tiles.
+# Decode (at most DECODE_MAX_LQ queries per sequence, e.g. one new token against a KV cache): a 16-query tile
+# instead of a 128-row tile that would be >= 87% masked rows, over 64-key tiles in 3 stages (96 KB of shared memory
+# at hd 128). Measured with the compile report: 16x128 w4s3 spilled 8-16 B with padding/spans/varlen, and so did
+# 16x64 over 4 warps under Triton 3.9 (ptxas held those at 128 registers); 16x64 over 8 warps compiles at 96-126
+# registers without spills (sm_90/sm_80, 3.6/3.9). Backward keeps the training tiles.
 DECODE_MAX_LQ = 16
-_DECODE_CONFIG = {9: (16, 64, 4, 3), 8: (16, 64, 4, 3)}
+_DECODE_CONFIG = {9: (16, 64, 8, 3), 8: (16, 64, 8, 3)}
 
 
 def _configs_for(device: torch.device, block_d: int, masked: bool, varlen: bool = False, lq: int = None) -> dict:
