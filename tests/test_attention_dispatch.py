@@ -237,7 +237,7 @@ def test_tune_key_buckets():
 def test_decode_uses_a_16_query_tile(monkeypatch):
     from vexpert_kernels.ops.flash_attention import configs as fa_configs
 
-    for major, want in ((9, (16, 64, 8, 3)), (8, (16, 64, 8, 3))):
+    for major, want in ((9, (16, 64, 8, 2)), (8, (16, 64, 8, 3))):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
         dev = torch.device("cuda")
         assert fa_configs._configs_for(dev, 128, False, False, lq=1)["fwd"] == want

@@ -50,12 +50,13 @@ def _pick(cfgs: dict, kernel: str, varlen: bool) -> tuple:
 
 
 # Decode (at most DECODE_MAX_LQ queries per sequence, e.g. one new token against a KV cache): a 16-query tile
-# instead of a 128-row tile that would be >= 87% masked rows, over 64-key tiles in 3 stages (96 KB of shared memory
+# instead of a 128-row tile that would be >= 87% masked rows, over 64-key tiles (2-3 stages, <= 96 KB of shared memory
 # at hd 128). Measured with the compile report: 16x128 w4s3 spilled 8-16 B with padding/spans/varlen, and so did
-# 16x64 over 4 warps under Triton 3.9 (ptxas held those at 128 registers); 16x64 over 8 warps compiles at 96-126
-# registers without spills (sm_90/sm_80, 3.6/3.9). Backward keeps the training tiles.
+# 16x64 over 4 warps under Triton 3.9 (ptxas held those at 128 registers); 16x64 over 8 warps compiles at 57-128
+# registers without spills (sm_80: 3 stages; sm_90: 2 stages -- 3 left an 8 B stack frame at hd 128 under 3.6).
+# Backward keeps the training tiles.
 DECODE_MAX_LQ = 16
-_DECODE_CONFIG = {9: (16, 64, 8, 3), 8: (16, 64, 8, 3)}
+_DECODE_CONFIG = {9: (16, 64, 8, 2), 8: (16, 64, 8, 3)}
 
 
 def _configs_for(device: torch.device, block_d: int, masked: bool, varlen: bool = False, lq: int = None) -> dict:
