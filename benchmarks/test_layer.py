@@ -69,4 +69,4 @@ def test_layer(benchmark, case, mode, provider, first):
     flops = layer_flops(setup.cfg, case.batch, case.seq_len, mode, past=case.past)
     rec = measure(prov, device=DEVICE, flops=flops, base=dict(case_fields(case, setup), mode=mode, suite=suite),
                   ref_out=ref_out if mode in ("fwd", "decode") else None, rep_ms=REP_MS)
-    record_and_report(benchmark, rec, prov.fn)
+    record_and_report(benchmark, rec, prov.fn, prov.grads)  # grads reset before each timed round

@@ -43,3 +43,44 @@ def test_explicit_reference_and_shape_mismatch():
                   rep_ms=1, warmup_ms=0)
     assert rec["status"] == "ok"  # op-suite ceiling
     assert check_tolerance(torch.bfloat16, "cpu") < 0.05 and check_tolerance(torch.float32, "cuda") > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- op suite
+def _op_records(only):
+    from vexpert_kernels.bench.opbench import op_records
+    return {(r["mode"], r["provider"]): r for r in op_records(cases("layer", False)[0], "cpu", torch.float32,
+                                                              rep_ms=1, warmup_ms=0, only=only)}
+
+
+def test_op_benchmark_checks_every_provider():
+    recs = _op_records(("swiglu", "rmsnorm", "permute"))
+    for (mode, name), r in recs.items():
+        assert r["status"] == "ok", r
+        if name in ("dense_gemm", "copy"):  # ceilings: error recorded, not checked, and the record says so
+            assert r["checked"] is False and "not checked" in r["check"] and r["rel_err"] > 1e-2, r
+        else:
+            assert r["checked"] is True and r["rel_err"] < 1e-5, r
+
+
+def test_wrong_op_provider_fails_op_benchmark(monkeypatch):
+    from vexpert_kernels import ops
+    from vexpert_kernels.bench import baselines, opbench
+    routed_swiglu, mixed_attention = ops.routed_swiglu, ops.mixed_attention
+
+    def swiglu_sign_flip(x, gv, uv, gl, ul, plan, backend="auto"):  # planted bug: silu(-g) instead of silu(g)
+        return routed_swiglu(x, -gv, uv, -gl, ul, plan, backend=backend)
+
+    def attention_no_causal(q, k, v, plan=None, backend="auto", **kw):  # planted bug: keys after the query seen
+        if backend == "math":  # the reference stays right
+            return mixed_attention(q, k, v, plan, backend=backend, **kw)
+        return baselines.sdpa_causal(q, k, v, causal=False)
+    monkeypatch.setattr(ops, "routed_swiglu", swiglu_sign_flip)
+    monkeypatch.setattr(ops, "mixed_attention", attention_no_causal)
+    monkeypatch.setattr(opbench, "_attn_backends", lambda device: ["sdpa"])  # no interpreter: keep it fast
+    recs = _op_records(("swiglu", "attention"))
+    for key in (("fwd", "vexpert[torch]"), ("fwd", "vexpert[sdpa]"), ("fwd+bwd", "vexpert[sdpa]")):
+        bad = recs[key]
+        assert bad["status"] == "error" and "wrong result" in bad["reason"], bad
+        assert bad["rel_err"] > 1e-2 and "median_ms" not in bad
+    for key in (("fwd", "slices"), ("fwd", "sdpa"), ("fwd+bwd", "sdpa")):  # the right providers still pass
+        assert recs[key]["status"] == "ok" and recs[key]["checked"], recs[key]
