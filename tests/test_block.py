@@ -234,7 +234,12 @@ def _capture(monkeypatch, store):
 
     def attn_probe(*a, **kw):
         out = fused_attn(*a, **kw)
-        store["attn"] = out[0] if isinstance(out, tuple) else out
+        o = out[0] if isinstance(out, tuple) else out
+        idx = kw.get("out_index")
+        if idx is not None:  # routed output [T, H*hd]: row idx[b, l] holds sequence position (b, l)
+            q = a[0]
+            o = o[idx].view(*idx.shape, q.shape[1], q.shape[3]).transpose(1, 2)  # -> [B, H, L, hd]
+        store["attn"] = o
         return out
 
     def ref_qkv_probe(self, *a, **kw):

@@ -263,12 +263,12 @@ class VisualExpertBlock(nn.Module):
             cu, n = plan.packed_cu_seqlens, plan.max_seqlen
             o = mixed_attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, n, n,
                                        image_span_ids=None if spans is None else spans[0],
-                                       image_attention=cfg.image_attention, backend=attention_backend)
-            o = plan.permute(o.reshape(B, L, H * hd))
+                                       image_attention=cfg.image_attention, backend=attention_backend,
+                                       out_index=plan.inv_perm)  # [T, H*hd] straight in routed order
         else:
             o = mixed_attention(q, k, v, key_padding_mask=key_padding_mask, image_span_ids=spans,
-                                image_attention=cfg.image_attention, attn_bias=attn_bias, backend=attention_backend)
-            o = plan.permute(o.transpose(1, 2).reshape(B, L, H * hd))
+                                image_attention=cfg.image_attention, attn_bias=attn_bias, backend=attention_backend,
+                                out_index=plan.inv_perm.view(B, L))  # [T, H*hd] straight in routed order
 
         dv, dl = attn.vision_expert_dense, attn.language_expert_dense
         if _plain_linear(dv) and _plain_linear(dl):
