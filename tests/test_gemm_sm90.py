@@ -35,8 +35,10 @@ def _version(v):
 _INTERP_OK = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and \
     _version(TRITON_VERSION) >= (3, 9)
 if HAS_CUDA:  # the compiled kernels on an sm_90 GPU, with the GPU configs
-    from vexpert_kernels.ops.gemm_sm90.configs import triton_sm90_reason
-    _RUN_OK = HAS_TRITON and torch.cuda.get_device_capability()[0] == 9 and triton_sm90_reason() is None
+    _RUN_OK = HAS_TRITON and torch.cuda.get_device_capability()[0] == 9
+    if _RUN_OK:
+        from vexpert_kernels.ops.gemm_sm90.configs import triton_sm90_reason
+        _RUN_OK = triton_sm90_reason() is None
     FWD_CONFIGS, WGRAD_CONFIGS, SWIGLU_CONFIGS = ((SM90_CONFIGS, SM90_WGRAD_CONFIGS, SM90_SWIGLU_CONFIGS) if HAS_TRITON
                                                   else ([], [], []))
 else:  # CPU: the interpreter with its tiny tiles
