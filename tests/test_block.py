@@ -5,13 +5,29 @@ import torch
 from vexpert_kernels import RoutingPlan, VisualExpertConfig, build_position_ids
 from vexpert_kernels.block import VisualExpertBlock, VisualExpertStack, visual_expert_layers
 from vexpert_kernels.testing import reference_and_fused, rel_err
+from conftest import DEVICE
 
+# every block runs on the test device: CUDA when present ("auto" = the ops' CUDA dispatch), else the interpreter
 TT = torch.tensor([[0, 1, 1, 1, 1, 0, 0, 1, 1, 1, 0, 0, 0],     # two images
-                   [0, 0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 1, 1]])    # image at the row end
+                   [0, 0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 1, 1]], device=DEVICE)    # image at the row end
+
+
+@pytest.fixture(autouse=True)
+def _fp32_highest():
+    """fp32 comparisons stay tight on CUDA: no TF32 in PyTorch matmuls (the Triton GEMMs follow the same setting)."""
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(prev)
+
+
+def _randn(*shape):
+    return torch.randn(*shape).to(DEVICE)  # CPU generator: the same values on CPU and CUDA
 
 
 def pair(cfg, dtype=torch.float32, backend="auto", seed=0):
-    return reference_and_fused(cfg, dtype, backend, seed)
+    ref, fused = reference_and_fused(cfg, dtype, backend, seed)
+    return ref.to(DEVICE), fused.to(DEVICE)
 
 
 def grads(module):
@@ -24,7 +40,8 @@ def run_both(ref, fused, x, tt, dtype, **kw):
     (yr,) = ref(xr, tt, **kw)
     (yf,) = fused(xf, tt, **kw)
     dy = torch.randn_like(yr)
-    rows = kw["attention_mask"].bool() if kw.get("attention_mask") is not None else torch.ones(tt.shape, dtype=torch.bool)
+    rows = (kw["attention_mask"].bool() if kw.get("attention_mask") is not None
+            else torch.ones(tt.shape, dtype=torch.bool, device=tt.device))
     dy = dy * rows[..., None]   # padded rows are ignored downstream: give them no gradient
     yr.backward(dy)
     yf.backward(dy.to(dtype))
@@ -43,7 +60,7 @@ def test_block_matches_reference(backend, variant):
     over = {} if variant == "gqa_vbias" else dict(num_key_value_heads=4, vision_qkv_bias=False)
     cfg = VisualExpertConfig.tiny(**over)
     ref, fused = pair(cfg, backend=backend)
-    x = torch.randn(*TT.shape, cfg.hidden_size)
+    x = _randn(*TT.shape, cfg.hidden_size)
     yr, yf, gxr, gxf, _ = run_both(ref, fused, x, TT, torch.float32)
     assert fused.backend == ("triton" if backend == "auto" else "torch")
     assert rel_err(yf, yr) < TOL[torch.float32]
@@ -58,12 +75,12 @@ def test_block_matches_reference(backend, variant):
 def test_block_padding(pad):
     cfg = VisualExpertConfig.tiny()
     ref, fused = pair(cfg)
-    keep = torch.ones(TT.shape, dtype=torch.long)
+    keep = torch.ones(TT.shape, dtype=torch.long, device=DEVICE)
     if pad == "left":
         keep[0, :2] = 0
     else:
         keep[1, -3:] = 0
-    x = torch.randn(*TT.shape, cfg.hidden_size)
+    x = _randn(*TT.shape, cfg.hidden_size)
     yr, yf, gxr, gxf, rows = run_both(ref, fused, x, TT, torch.float32, attention_mask=keep)
     assert torch.isfinite(yf).all() and torch.isfinite(gxf).all()
     assert rel_err(yf[rows], yr[rows]) < TOL[torch.float32]
@@ -76,7 +93,7 @@ def test_block_padding(pad):
 def test_block_bf16():
     cfg = VisualExpertConfig.tiny()
     ref, fused = pair(cfg, dtype=torch.bfloat16)
-    x = torch.randn(*TT.shape, cfg.hidden_size)
+    x = _randn(*TT.shape, cfg.hidden_size)
     yr, yf, gxr, gxf, _ = run_both(ref, fused, x, TT, torch.bfloat16)
     assert rel_err(yf, yr) < TOL[torch.bfloat16]
     assert rel_err(gxf, gxr) < 3e-2
@@ -88,7 +105,7 @@ def test_block_bf16():
 def test_block_bidirectional_images():
     cfg = VisualExpertConfig.tiny(image_attention="bidirectional")
     ref, fused = pair(cfg)
-    x = torch.randn(*TT.shape, cfg.hidden_size)
+    x = _randn(*TT.shape, cfg.hidden_size)
     yr, yf, gxr, gxf, _ = run_both(ref, fused, x, TT, torch.float32)
     assert rel_err(yf, yr) < TOL[torch.float32] and rel_err(gxf, gxr) < TOL[torch.float32]
 
@@ -97,14 +114,15 @@ def test_kv_cache_prefill_and_decode():
     cfg = VisualExpertConfig.tiny()
     ref, fused = pair(cfg)
     tt = TT[:1]
-    x = torch.randn(1, tt.shape[1], cfg.hidden_size)
+    x = _randn(1, tt.shape[1], cfg.hidden_size)
     pos = build_position_ids(tt)
     with torch.no_grad():
         (full,) = ref(x.double(), tt)
         y, cache = fused(x[:, :10], tt[:, :10], use_cache=True)  # prefill ends after an image (see spec)
         outs = [y]
         for i in range(10, tt.shape[1]):
-            y, cache = fused(x[:, i:i + 1], torch.zeros(1, 1, dtype=torch.long), position_ids=pos[:, i:i + 1],
+            y, cache = fused(x[:, i:i + 1], torch.zeros(1, 1, dtype=torch.long, device=DEVICE),
+                             position_ids=pos[:, i:i + 1],
                              past_key_value=cache, use_cache=True)
             assert fused.backend == "dense-language"     # decode takes the dense language-only path
             outs.append(y)
@@ -118,12 +136,12 @@ def test_stack_one_plan_two_layers():
     # Forward only: each layer's backward at this length is covered by test_block_multi_tile_branches_*.
     cfg = VisualExpertConfig.tiny()
     refs, fuseds = zip(*(pair(cfg, seed=s) for s in range(2)))
-    stack = VisualExpertStack(cfg, 2)
+    stack = VisualExpertStack(cfg, 2).to(DEVICE)
     stack.layers[0].load_state_dict(fuseds[0].state_dict())
     stack.layers[1].load_state_dict(fuseds[1].state_dict())
     tt, keep = long_layout(), long_keep("left")
     rows = keep.bool()
-    x = torch.randn(*tt.shape, cfg.hidden_size)
+    x = _randn(*tt.shape, cfg.hidden_size)
     with torch.no_grad():
         h = x.double()
         for r in refs:
@@ -132,7 +150,7 @@ def test_stack_one_plan_two_layers():
     assert torch.isfinite(y).all()
     assert rel_err(y[rows], h[rows]) < TOL[torch.float32]
     # one shared plan, checkpointed layers (short input): same result as plain layers
-    xs = torch.randn(*TT.shape, cfg.hidden_size)
+    xs = _randn(*TT.shape, cfg.hidden_size)
     plan = RoutingPlan.build(TT)
     y1 = visual_expert_layers(stack.layers, xs, TT, plan=plan)
     y2 = visual_expert_layers(stack.layers, xs.requires_grad_(), TT, plan=plan, checkpoint=True)
@@ -143,12 +161,12 @@ def test_hf_4d_mask_and_output_flags():
     cfg = VisualExpertConfig.tiny()
     ref, fused = pair(cfg)
     B, L = TT.shape
-    keep = torch.ones(B, L, dtype=torch.bool)
+    keep = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
     keep[0, :2] = False
-    allowed = torch.ones(L, L).tril().bool()[None] & keep[:, None, :]
-    m4 = torch.zeros(B, 1, L, L).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+    allowed = torch.ones(L, L, device=DEVICE).tril().bool()[None] & keep[:, None, :]
+    m4 = torch.zeros(B, 1, L, L, device=DEVICE).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
     pos = build_position_ids(TT, keep)
-    x = torch.randn(B, L, cfg.hidden_size)
+    x = _randn(B, L, cfg.hidden_size)
     with torch.no_grad():
         (yr,) = ref(x.double(), TT, pos, attention_mask=m4.double())
         out = fused(x, TT, pos, attention_mask=m4, output_attentions=True, use_cache=True)
@@ -156,7 +174,7 @@ def test_hf_4d_mask_and_output_flags():
     assert rel_err(out[0][keep], yr[keep]) < TOL[torch.float32]
 
 
-def test_block_bad_inputs():
+def test_block_bad_inputs():  # validation only (nothing runs a kernel): CPU tensors everywhere
     cfg = VisualExpertConfig.tiny()
     fused = VisualExpertBlock(cfg)
     x = torch.randn(2, 5, cfg.hidden_size)
@@ -174,15 +192,16 @@ def test_block_packed_plan_keeps_sequences_apart(backend):
     # saw sequence 1) with position ids that did not restart -> silently wrong; now varlen attention + plan positions
     cfg = VisualExpertConfig.tiny()
     ref, fused = pair(cfg, backend=backend)
-    tts = [torch.tensor([[0, 1, 1, 1, 0, 0]]), torch.tensor([[0, 0, 1, 1, 0]])]
-    xs = [torch.randn(1, t.shape[1], cfg.hidden_size) for t in tts]
+    tts = [torch.tensor([[0, 1, 1, 1, 0, 0]], device=DEVICE), torch.tensor([[0, 0, 1, 1, 0]], device=DEVICE)]
+    xs = [_randn(1, t.shape[1], cfg.hidden_size) for t in tts]
     tt, x = torch.cat(tts, 1), torch.cat(xs, 1)
     with torch.no_grad():
         yr = torch.cat([ref(xi.double(), ti)[0] for xi, ti in zip(xs, tts)], 1)
-        (yf,) = fused(x, tt, plan=RoutingPlan.build(tt, cu_seqlens=torch.tensor([0, 6, 11])))
+        (yf,) = fused(x, tt, plan=RoutingPlan.build(tt, cu_seqlens=torch.tensor([0, 6, 11], device=DEVICE)))
     assert rel_err(yf, yr) < TOL[torch.float32]
     with pytest.raises(ValueError, match="packed plan"):
-        fused(x, tt, attention_mask=torch.ones(1, 11), plan=RoutingPlan.build(tt, cu_seqlens=torch.tensor([0, 6, 11])))
+        fused(x, tt, attention_mask=torch.ones(1, 11, device=DEVICE),
+              plan=RoutingPlan.build(tt, cu_seqlens=torch.tensor([0, 6, 11], device=DEVICE)))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -211,7 +230,7 @@ def long_layout():
     tt[0, 30:36] = 1         # a second image inside tile 1 / 2
     tt[1, 9:27] = 1          # image from the middle of tile 0 into tile 1
     tt[1, 40:] = 1           # image that runs to the row end (its last token uses the language expert)
-    return tt
+    return tt.to(DEVICE)
 
 
 def long_keep(pad):
@@ -219,7 +238,7 @@ def long_keep(pad):
     if pad == "left":
         keep[0, :5] = 0      # ends in the middle of key tile 0
         keep[1, :21] = 0     # all of key tile 0 and 5 columns of tile 1
-    return keep
+    return keep.to(DEVICE)
 
 
 def _capture(monkeypatch, store):
@@ -317,8 +336,8 @@ def run_multi_tile(monkeypatch, cfg, dtype, pad, backend="auto", seed=0):
     tt, keep = long_layout(), long_keep(pad)
 
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*tt.shape, cfg.hidden_size, generator=g, dtype=torch.float64).to(dtype).double()
-    dy = torch.randn(x.shape, generator=g, dtype=torch.float64) * keep[..., None]  # padded rows: no gradient
+    x = torch.randn(*tt.shape, cfg.hidden_size, generator=g, dtype=torch.float64).to(dtype).double().to(DEVICE)
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64).to(DEVICE) * keep[..., None]  # padded rows: no grad
     b64 = branches(ref64, x, tt, keep, dy, torch.float64, monkeypatch)
     bref = branches(ref_same, x, tt, keep, dy, dtype, monkeypatch,
                     attend=None if dtype == torch.float32 else attend_same_dtype)

@@ -7,6 +7,7 @@ from vexpert_kernels.ops.rmsnorm import rmsnorm, rmsnorm_permute, rmsnorm_refere
 from vexpert_kernels.routing import RoutingPlan
 from vexpert_kernels.testing import random_token_types, rel_err
 from vexpert_kernels._triton_compat import HAS_TRITON
+from conftest import DEVICE
 
 EPS = 1e-5
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not importable")
@@ -25,7 +26,7 @@ def grads64(x, w, dy, eps=EPS):
     return (y,) + torch.autograd.grad(y, (x64, w64), dy.double())
 
 
-def _inputs(shape, dtype, wdtype=None, device="cpu"):
+def _inputs(shape, dtype, wdtype=None, device=DEVICE):
     D = shape[-1]
     x = (torch.randn(*shape) * 2 + 0.3).to(dtype).to(device).requires_grad_()
     w = (1 + 0.2 * torch.randn(D)).to(wdtype or dtype).to(device).requires_grad_()
@@ -33,6 +34,15 @@ def _inputs(shape, dtype, wdtype=None, device="cpu"):
 
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.fixture(autouse=True)
+def _fp32_highest():
+    """fp32 comparisons stay tight on CUDA: no TF32 in the PyTorch matmuls of the oracle / torch paths."""
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(prev)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
@@ -44,11 +54,11 @@ def test_rmsnorm_permute_matches_float64(backend, dtype, wdtype, D):
     tt = random_token_types(3, 11, images_per_row=(1, 2), image_len=(2, 6), generator=g)
     keep = torch.ones(3, 11, dtype=torch.bool)
     keep[0, :3] = False
-    plan = RoutingPlan.build(tt, keep)
+    plan = RoutingPlan.build(tt.to(DEVICE), keep.to(DEVICE))
     x, w = _inputs((3, 11, D), dtype, wdtype)
     y = rmsnorm_permute(x, w, EPS, plan, backend=backend)
     assert y.shape == (33, D) and y.dtype == dtype
-    dy = torch.randn(33, D).to(dtype)
+    dy = torch.randn(33, D).to(dtype).to(DEVICE)
     dx, dw = torch.autograd.grad(y, (x, w), dy)
     assert dx.dtype == dtype and dw.dtype == wdtype
     # oracle: norm in sequence order, then permute; the gradient flows back through the gather
@@ -93,7 +103,7 @@ def test_triton_bf16_within_one_ulp_of_torch():
 @needs_triton
 def test_triton_writes_every_row_and_grad_deterministic(monkeypatch):
     """Poisoned outputs: every routed row and every dx row must be written."""
-    tt = torch.tensor([[0, 1, 1, 1, 0, 0, 1, 1, 0]])
+    tt = torch.tensor([[0, 1, 1, 1, 0, 0, 1, 1, 0]], device=DEVICE)
     plan = RoutingPlan.build(tt)
     real_empty_like = torch.empty_like
 
@@ -115,7 +125,7 @@ def test_triton_writes_every_row_and_grad_deterministic(monkeypatch):
 @needs_triton
 @pytest.mark.parametrize("rows", [1, 5])
 def test_triton_one_row_and_all_language(rows):
-    tt = torch.zeros(1, rows, dtype=torch.long)  # no vision token: an expert with 0 tokens
+    tt = torch.zeros(1, rows, dtype=torch.long, device=DEVICE)  # no vision token: an expert with 0 tokens
     plan = RoutingPlan.build(tt)
     x, w = _inputs((1, rows, 40), torch.float32)
     y = rmsnorm_permute(x, w, EPS, plan, backend="triton")
@@ -127,9 +137,9 @@ def test_triton_one_row_and_all_language(rows):
 
 def test_bad_inputs():
     x, w = _inputs((2, 3, 16), torch.float32)
-    plan = RoutingPlan.build(torch.zeros(2, 3, dtype=torch.long))
+    plan = RoutingPlan.build(torch.zeros(2, 3, dtype=torch.long, device=DEVICE))
     with pytest.raises(ValueError, match="weight"):
-        rmsnorm(x, torch.ones(15), EPS)
+        rmsnorm(x, torch.ones(15, device=DEVICE), EPS)
     with pytest.raises(TypeError, match="x"):
         rmsnorm(x.long(), w, EPS)
     with pytest.raises(TypeError, match="weight"):
@@ -138,10 +148,10 @@ def test_bad_inputs():
         rmsnorm(x, w, -1.0)
     with pytest.raises(ValueError, match="backend"):
         rmsnorm(x, w, EPS, backend="bogus")
-    with pytest.raises(ValueError, match="cuda"):
-        rmsnorm(x, w, EPS, backend="cuda")
+    with pytest.raises(ValueError, match="cuda"):  # the csrc backend refuses CPU tensors
+        rmsnorm(x.detach().cpu(), w.detach().cpu(), EPS, backend="cuda")
     with pytest.raises(ValueError, match="x must have shape"):
-        rmsnorm_permute(torch.randn(3, 3, 16), w, EPS, plan)
+        rmsnorm_permute(torch.randn(3, 3, 16, device=DEVICE), w, EPS, plan)
     with pytest.raises(TypeError, match="plan"):
         rmsnorm_permute(x, w, EPS, object())
     with pytest.raises(ValueError, match="x_routed"):

@@ -12,6 +12,7 @@ from vexpert_kernels import RoutingPlan
 from vexpert_kernels._triton_compat import HAS_TRITON
 from vexpert_kernels.ops import routed_linear, routed_qkv_rope, routed_swiglu
 from vexpert_kernels.testing import rel_err, random_token_types
+from conftest import DEVICE
 
 RL = importlib.import_module("vexpert_kernels.ops.routed_linear")
 RL_AOT = importlib.import_module("vexpert_kernels.ops.routed_linear.aot")
@@ -47,7 +48,9 @@ def split_plan(B, L, nv, seed=0):
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(T)
     pos = torch.randint(0, 3 * L + 5, (B, L), generator=g)
-    return SplitPlan(torch.tensor([0, nv, T], dtype=torch.int32), perm, inv, pos.reshape(-1)[perm], pos, B, L, nv)
+    perm, inv, pos = perm.to(DEVICE), inv.to(DEVICE), pos.to(DEVICE)
+    offsets = torch.tensor([0, nv, T], dtype=torch.int32, device=DEVICE)
+    return SplitPlan(offsets, perm, inv, pos.reshape(-1)[perm], pos, B, L, nv)
 
 
 @pytest.fixture
@@ -55,8 +58,22 @@ def poison(monkeypatch):
     monkeypatch.setattr(RL_LAUNCH, "_POISON_OUTPUTS", True)
 
 
+@pytest.fixture(autouse=True)
+def _fp32_highest():
+    """fp32 comparisons stay tight on CUDA: no TF32 in the PyTorch matmuls (the kernels follow the same setting)."""
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(prev)
+
+
+def _randn(*shape, requires_grad=False):
+    """torch.randn from the (seeded) CPU generator, moved to the test device: same values on CPU and CUDA."""
+    return torch.randn(*shape).to(DEVICE).requires_grad_(requires_grad)
+
+
 def _rand(*shape, dtype, scale=1.0):
-    return (torch.randn(*shape) * scale).to(dtype).requires_grad_()
+    return (_randn(*shape) * scale).to(dtype).requires_grad_()
 
 
 def _leaf64(ts):
@@ -82,7 +99,7 @@ def test_linear_triton_all_grads(B, L, nv, dtype, poison):
                                      residual=ins64[5])
     assert y.dtype == dtype and y.shape == (T, N)
     assert rel_err(y, ref) < TOL[dtype]
-    dy = torch.randn(T, N).to(dtype)
+    dy = _randn(T, N).to(dtype)
     grads = torch.autograd.grad(y, [x, wv, wl, bv, bl, res], dy)
     grads64 = torch.autograd.grad(ref, ins64, dy.double())
     for name, g, r in zip(["dx", "dW_v", "dW_l", "db_v", "db_l", "dresidual"], grads, grads64):
@@ -114,7 +131,7 @@ def test_linear_triton_epilogues(epi, dtype, poison):
         ins64 = _leaf64(ins)
         ref = RL.routed_linear_reference(*ins64[:3], plan, **dict(zip(list(kw), ins64[3:])))
         assert rel_err(y, ref) < TOL[dtype], backend
-        dy = torch.randn(T, N).to(dtype)
+        dy = _randn(T, N).to(dtype)
         for n, g, r in zip(names, torch.autograd.grad(y, ins, dy), torch.autograd.grad(ref, ins64, dy.double())):
             assert rel_err(g, r) < TOL[dtype], (backend, n)
 
@@ -122,31 +139,31 @@ def test_linear_triton_epilogues(epi, dtype, poison):
 @needs_triton
 def test_linear_frozen_weights_and_no_input_grad():
     plan = split_plan(1, 37, 10)
-    x = torch.randn(37, 24, requires_grad=True)
-    wv, wl = torch.randn(40, 24), torch.randn(40, 24)  # frozen
-    bv = torch.randn(40, requires_grad=True)
+    x = _randn(37, 24, requires_grad=True)
+    wv, wl = _randn(40, 24), _randn(40, 24)  # frozen
+    bv = _randn(40, requires_grad=True)
     for backend in ("triton", "torch"):
         y = routed_linear(x, wv, wl, plan, bias_vision=bv, backend=backend)
         dx, dbv = torch.autograd.grad(y.sum(), [x, bv])
-        ref_dx = torch.cat([torch.ones(10, 40) @ wv, torch.ones(27, 40) @ wl])
+        ref_dx = torch.cat([torch.ones(10, 40, device=DEVICE) @ wv, torch.ones(27, 40, device=DEVICE) @ wl])
         assert rel_err(dx, ref_dx) < 1e-5
-        assert rel_err(dbv, torch.full((40,), 10.0)) < 1e-6
+        assert rel_err(dbv, torch.full((40,), 10.0, device=DEVICE)) < 1e-6
     # only weights require grad: dX is skipped, dW still right
     wv.requires_grad_()
     xd = x.detach()
     y = routed_linear(xd, wv, wl, plan, backend="triton")
     (g,) = torch.autograd.grad(y.sum(), [wv])
-    assert rel_err(g, torch.ones(40, 10) @ xd[:10]) < 1e-5
+    assert rel_err(g, torch.ones(40, 10, device=DEVICE) @ xd[:10]) < 1e-5
 
 
 @needs_triton
 def test_wgrad_deterministic_and_poisoned():
     plan = split_plan(3, 50, 67, seed=3)
-    dy, x = torch.randn(150, 56), torch.randn(150, 40)
+    dy, x = _randn(150, 56), _randn(150, 40)
     outs = []
     for _ in range(2):
-        dwv, dwl = torch.full((56, 40), float("nan")), torch.full((56, 40), float("nan"))
-        dbv, dbl = torch.full((56,), float("nan")), torch.full((56,), float("nan"))
+        dwv, dwl = (torch.full((56, 40), float("nan"), device=DEVICE) for _ in range(2))
+        dbv, dbl = (torch.full((56,), float("nan"), device=DEVICE) for _ in range(2))
         RL_LAUNCH._launch_wgrad(dy, x, plan.expert_offsets, dwv, dwl, dbv, dbl)
         outs.append((dwv, dwl, dbv, dbl))
     for a, b in zip(*outs):
@@ -160,9 +177,9 @@ def test_wgrad_deterministic_and_poisoned():
 @needs_triton
 def test_real_plan_and_fp16():
     tt = random_token_types(2, 29, images_per_row=(1, 2), image_len=(4, 12), generator=torch.Generator().manual_seed(5))
-    plan = RoutingPlan.build(tt)
-    x = torch.randn(58, 48).half()
-    wv, wl = (torch.randn(33, 48) * 0.1).half(), (torch.randn(33, 48) * 0.1).half()
+    plan = RoutingPlan.build(tt.to(DEVICE))
+    x = _randn(58, 48).half()
+    wv, wl = (_randn(33, 48) * 0.1).half(), (_randn(33, 48) * 0.1).half()
     y = routed_linear(x, wv, wl, plan, backend="triton")
     ref = RL.routed_linear_reference(x, wv, wl, plan)
     assert rel_err(y, ref) < TOL[torch.float16]
@@ -184,7 +201,7 @@ def test_swiglu(B, L, nv, recompute, dtype, backend, poison):
     ref = RL.routed_swiglu_reference(*ins64, plan)
     assert y.shape == (T, I) and y.dtype == dtype
     assert rel_err(y, ref) < TOL[dtype]
-    dy = torch.randn(T, I).to(dtype)
+    dy = _randn(T, I).to(dtype)
     names = ["dx", "dWg_v", "dWu_v", "dWg_l", "dWu_l"]
     for n, g, r in zip(names, torch.autograd.grad(y, [x] + ws, dy), torch.autograd.grad(ref, ins64, dy.double())):
         if r.norm() == 0:
@@ -240,8 +257,8 @@ def test_qkv_rope_positions_and_bf16_quirk(backend):
     plan = split_plan(1, 17, 9, seed=6)
     T, K, H, KV, hd = 17, 16, 2, 1, 16
     N = (H + 2 * KV) * hd
-    x, wv, wl = torch.randn(T, K), torch.randn(N, K) * 0.2, torch.randn(N, K) * 0.2
-    pos = torch.randint(300, 5000, (T,))  # > 256: bf16 rounding changes them
+    x, wv, wl = _randn(T, K), _randn(N, K) * 0.2, _randn(N, K) * 0.2
+    pos = torch.randint(300, 5000, (T,)).to(DEVICE)  # > 256: bf16 rounding changes them
     kw = dict(num_heads=H, num_kv_heads=KV, rope_theta=500000.0)
     out = routed_qkv_rope(x, wv, wl, plan, positions=pos, position_dtype=torch.bfloat16, backend=backend, **kw)
     ref = RL.routed_qkv_rope_reference(x, wv, wl, plan, positions=pos, position_dtype=torch.bfloat16, **kw)
@@ -259,68 +276,70 @@ def test_qkv_rope_positions_and_bf16_quirk(backend):
 # ---------------------------------------------------------------------------------------------- backends, errors
 def test_torch_backend_matches_reference_real_plan():
     tt = random_token_types(2, 23, images_per_row=(1, 2), image_len=(3, 9), generator=torch.Generator().manual_seed(7))
-    plan = RoutingPlan.build(tt)
+    plan = RoutingPlan.build(tt.to(DEVICE))
     T = plan.num_tokens
-    x, wv, wl, res = torch.randn(T, 24), torch.randn(40, 24), torch.randn(40, 24), torch.randn(T, 40)
+    x, wv, wl, res = _randn(T, 24), _randn(40, 24), _randn(40, 24), _randn(T, 40)
     y = routed_linear(x, wv, wl, plan, residual=res, backend="torch")
     assert rel_err(y, RL.routed_linear_reference(x, wv, wl, plan, residual=res)) < 1e-6
 
 
 def test_backend_selection(monkeypatch):
     plan = split_plan(1, 5, 2)
-    x = torch.randn(5, 8)
+    x = _randn(5, 8)
     with pytest.raises(ValueError, match="backend must be one of"):
         RL.select_backend("cuda", x, "linear", 8, 8)
     monkeypatch.setenv("VEXPERT_GEMM_BACKEND", "torch")
     assert RL.select_backend("auto", x, "linear", 8, 8) == "torch"
-    routed_linear(x, torch.randn(4, 8), torch.randn(4, 8), plan)
+    routed_linear(x, _randn(4, 8), _randn(4, 8), plan)
     assert RL.last_backend("routed_linear") == "torch"
     monkeypatch.setenv("VEXPERT_GEMM_BACKEND", "bogus")
     with pytest.raises(ValueError, match="VEXPERT_GEMM_BACKEND"):
-        routed_linear(x, torch.randn(4, 8), torch.randn(4, 8), plan)
+        routed_linear(x, _randn(4, 8), _randn(4, 8), plan)
     monkeypatch.delenv("VEXPERT_GEMM_BACKEND")
-    if HAS_TRITON:  # interpreter on, CPU: auto -> our Triton kernels (how CI tests them)
+    if HAS_TRITON and DEVICE == "cpu":  # interpreter on, CPU: auto -> our Triton kernels (how CI tests them)
         assert RL.select_backend("auto", x, "linear", 8, 8) == "triton"
-        routed_linear(x, torch.randn(4, 8), torch.randn(4, 8), plan)
+        routed_linear(x, _randn(4, 8), _randn(4, 8), plan)
         assert RL.last_backend("routed_linear") == "triton"
-    with pytest.raises(ValueError, match="grouped_mm"):
-        routed_linear(x, torch.randn(4, 8), torch.randn(4, 8), plan, backend="grouped_mm")
+    if not RL_API._grouped_mm_available(x.device):  # torch._grouped_mm needs a CUDA device with sm_90+
+        with pytest.raises(ValueError, match="grouped_mm"):
+            routed_linear(x, _randn(4, 8), _randn(4, 8), plan, backend="grouped_mm")
     with pytest.raises(ValueError, match="op must be one of"):
         RL.last_backend("nope")
 
 
 def test_bad_inputs():
     plan = split_plan(1, 5, 2)
-    x, w = torch.randn(5, 8), torch.randn(4, 8)
+    x, w = _randn(5, 8), _randn(4, 8)
     with pytest.raises(ValueError, match="weight_language"):
-        routed_linear(x, w, torch.randn(4, 7), plan)
+        routed_linear(x, w, _randn(4, 7), plan)
     with pytest.raises(TypeError, match="weight_language"):
         routed_linear(x, w, w.double(), plan)
     with pytest.raises(ValueError, match="weight_vision"):
-        routed_linear(x, torch.randn(4, 9), w, plan)
+        routed_linear(x, _randn(4, 9), w, plan)
     with pytest.raises(ValueError, match="x must"):
-        routed_linear(torch.randn(6, 8), w, w, plan)
+        routed_linear(_randn(6, 8), w, w, plan)
     with pytest.raises(ValueError, match="x must"):
-        routed_linear(torch.randn(1, 5, 8), w, w, plan)
+        routed_linear(_randn(1, 5, 8), w, w, plan)
     with pytest.raises(TypeError, match="x must"):
         routed_linear(x.long(), w, w, plan)
     with pytest.raises(ValueError, match="bias_vision"):
-        routed_linear(x, w, w, plan, bias_vision=torch.randn(5))
+        routed_linear(x, w, w, plan, bias_vision=_randn(5))
     with pytest.raises(ValueError, match="residual"):
-        routed_linear(x, w, w, plan, residual=torch.randn(5, 5))
+        routed_linear(x, w, w, plan, residual=_randn(5, 5))
     with pytest.raises(TypeError, match="plan"):
         routed_linear(x, w, w, object())
     with pytest.raises(ValueError, match="up_language"):
-        routed_swiglu(x, w, w, w, torch.randn(3, 8), plan)
-    wq = torch.randn(32, 8)
+        routed_swiglu(x, w, w, w, _randn(3, 8), plan)
+    wq = _randn(32, 8)
     with pytest.raises(ValueError, match="num_heads"):
         routed_qkv_rope(x, wq, wq, plan, num_heads=0, num_kv_heads=1, rope_theta=1e4)
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         routed_qkv_rope(x, wq, wq, plan, num_heads=3, num_kv_heads=2, rope_theta=1e4)
     with pytest.raises(ValueError, match="head_dim"):
-        routed_qkv_rope(x, torch.randn(30, 8), torch.randn(30, 8), plan, num_heads=2, num_kv_heads=1, rope_theta=1e4)
+        routed_qkv_rope(x, _randn(30, 8), _randn(30, 8), plan, num_heads=2, num_kv_heads=1, rope_theta=1e4)
     with pytest.raises(ValueError, match="positions"):
-        routed_qkv_rope(x, wq, wq, plan, num_heads=2, num_kv_heads=1, rope_theta=1e4, positions=torch.arange(4))
+        routed_qkv_rope(x, wq, wq, plan, num_heads=2, num_kv_heads=1, rope_theta=1e4,
+                        positions=torch.arange(4, device=DEVICE))
     with pytest.raises(ValueError, match="rope_theta"):
         routed_qkv_rope(x, wq, wq, plan, num_heads=2, num_kv_heads=1, rope_theta=-1.0)
 
@@ -328,7 +347,7 @@ def test_bad_inputs():
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton), "torch"])
 def test_qkv_non_power_of_two_head_dim(backend):
     plan = split_plan(1, 6, 3)
-    x, w, w2 = torch.randn(6, 8), torch.randn(4 * 12, 8), torch.randn(4 * 12, 8)
+    x, w, w2 = _randn(6, 8), _randn(4 * 12, 8), _randn(4 * 12, 8)
     kw = dict(num_heads=2, num_kv_heads=1, rope_theta=1e4)
     out = routed_qkv_rope(x, w, w2, plan, backend=backend, **kw)  # hd = 12: hd/2 = 6 padded to a 16-wide chunk
     for o, r in zip(out, RL.routed_qkv_rope_reference(x, w, w2, plan, **kw)):
@@ -338,13 +357,13 @@ def test_qkv_non_power_of_two_head_dim(backend):
 # ---------------------------------------------------------------------------------------------- torch.compile / opcheck
 def test_opcheck_fake_impls():
     plan = split_plan(1, 9, 4)
-    x, wv, wl, b, r = torch.randn(9, 8), torch.randn(6, 8), torch.randn(6, 8), torch.randn(6), torch.randn(9, 6)
+    x, wv, wl, b, r = _randn(9, 8), _randn(6, 8), _randn(6, 8), _randn(6), _randn(9, 6)
     torch.library.opcheck(RL_OPS._routed_linear_op, (x, wv, wl, plan.expert_offsets, 4, b, None, r, "torch"),
                           test_utils=("test_schema", "test_faketensor"))
     for recompute in (False, True):
         torch.library.opcheck(RL_OPS._routed_swiglu_op, (x, wv, wv, wl, wl, plan.expert_offsets, 4, recompute, "torch"),
                               test_utils=("test_schema", "test_faketensor"))
-    wq = torch.randn(16, 8)
+    wq = _randn(16, 8)
     torch.library.opcheck(RL_OPS._routed_qkv_rope_op,
                           (x, wq, wq, plan.expert_offsets, 4, None, None, plan.perm,
                            *RL_ROPE._rope_cos_sin(plan.routed_position_ids.float(), RL_ROPE._rope_inv_freq(4, 1e4, x.device)),
@@ -357,11 +376,11 @@ def test_torch_compile_fullgraph(backend):
     plan = split_plan(2, 7, 5)
     _ = plan.num_vision
     T, K, N, I = 14, 16, 16, 8
-    x = torch.randn(T, K, requires_grad=True)
-    wv, wl = torch.randn(N, K, requires_grad=True), torch.randn(N, K, requires_grad=True)
-    g = [torch.randn(I, K, requires_grad=True) for _ in range(4)]
-    d = [torch.randn(K, I, requires_grad=True) for _ in range(2)]
-    bv = torch.randn(N, requires_grad=True)
+    x = _randn(T, K, requires_grad=True)
+    wv, wl = _randn(N, K, requires_grad=True), _randn(N, K, requires_grad=True)
+    g = [_randn(I, K, requires_grad=True) for _ in range(4)]
+    d = [_randn(K, I, requires_grad=True) for _ in range(2)]
+    bv = _randn(N, requires_grad=True)
 
     def layer(x):
         q, k, v = routed_qkv_rope(x, wv, wl, plan, num_heads=2, num_kv_heads=1, rope_theta=1e4, bias_vision=bv,
@@ -442,8 +461,8 @@ def test_aot_compile_gpu_configs_no_spill():
 def test_swiglu_saved_preactivations_no_recompute(recompute, monkeypatch):
     """Default: forward saves gate|up, backward runs ONE dX GEMM (K = 2I) and no EPI_SWIGLU_BWD recompute GEMM."""
     plan = split_plan(1, 37, 21, seed=8)
-    x = torch.randn(37, 24, requires_grad=True)
-    ws = [(torch.randn(20, 24) * 0.2).requires_grad_() for _ in range(4)]
+    x = _randn(37, 24, requires_grad=True)
+    ws = [(_randn(20, 24) * 0.2).requires_grad_() for _ in range(4)]
     calls = []
     real = RL_OPS._launch_gemm
     monkeypatch.setattr(RL_OPS, "_launch_gemm", lambda *a, **k: calls.append(k) or real(*a, **k))
@@ -477,8 +496,8 @@ def test_fp32_precision_follows_torch_setting(monkeypatch):
 def test_torch_wgrad_stays_in_input_dtype(monkeypatch):
     """The torch path's dW is one GEMM in the input dtype (no fp32 upcast GEMM)."""
     plan = split_plan(1, 9, 4)
-    x, dy = torch.randn(9, 8).bfloat16(), torch.randn(9, 6).bfloat16()
-    w = torch.randn(6, 8).bfloat16()
+    x, dy = _randn(9, 8).bfloat16(), _randn(9, 6).bfloat16()
+    w = _randn(6, 8).bfloat16()
     seen = []
     real = torch.matmul
     monkeypatch.setattr(torch, "matmul", lambda a, b, **k: seen.append((a.dtype, b.dtype)) or real(a, b, **k))

@@ -9,7 +9,9 @@ from vexpert_kernels._triton_compat import HAS_TRITON
 from vexpert_kernels.ops import routed_linear, routed_qkv_rope, routed_swiglu
 from vexpert_kernels.testing import rel_err
 
-from test_routed_linear import RL, split_plan  # noqa: E402  (same tiny plans)
+from conftest import DEVICE
+# same tiny plans on the test device; _fp32_highest (autouse) keeps fp32 torch matmuls off TF32 on CUDA
+from test_routed_linear import RL, _fp32_highest, _randn, split_plan  # noqa: E402,F401
 
 autotune = importlib.import_module("vexpert_kernels.autotune")
 API = importlib.import_module("vexpert_kernels.ops.routed_linear.api")
@@ -46,9 +48,9 @@ def test_auto_linear_candidates_forward_dx_dw(fake_select):
     select, calls = fake_select
     select.pick = {"routed_linear": "triton:", "routed_linear_dx": "triton:", "routed_linear_dw": "torch"}
     plan = split_plan(1, 37, 21, seed=3)
-    x = torch.randn(37, 24, requires_grad=True)
-    wv, wl = (torch.randn(40, 24) * 0.2).requires_grad_(), (torch.randn(40, 24) * 0.2).requires_grad_()
-    bv, res = torch.randn(40, requires_grad=True), torch.randn(37, 40, requires_grad=True)
+    x = _randn(37, 24, requires_grad=True)
+    wv, wl = (_randn(40, 24) * 0.2).requires_grad_(), (_randn(40, 24) * 0.2).requires_grad_()
+    bv, res = _randn(40, requires_grad=True), _randn(37, 40, requires_grad=True)
     res0 = res.detach().clone()
     y = routed_linear(x, wv, wl, plan, bias_vision=bv, residual=res)
     assert torch.equal(res.detach(), res0)  # no candidate wrote into the residual
@@ -78,13 +80,13 @@ def test_auto_swiglu_and_qkv_candidates(fake_select):
     select, calls = fake_select
     select.pick = {"routed_swiglu": "triton:", "routed_qkv_rope": "triton:"}
     plan = split_plan(2, 9, 7, seed=5)
-    x = torch.randn(18, 16)
-    ws = [torch.randn(12, 16) * 0.3 for _ in range(4)]
+    x = _randn(18, 16)
+    ws = [_randn(12, 16) * 0.3 for _ in range(4)]
     h = routed_swiglu(x, *ws, plan)
     assert calls[-1]["op"] == "routed_swiglu" and all(calls[-1]["ok"].values())
     assert calls[-1]["key"][3] == "swiglu_save"
     assert rel_err(h, RL.routed_swiglu_reference(x, *ws, plan)) < 1e-5
-    wq = torch.randn(4 * 8, 16) * 0.3
+    wq = _randn(4 * 8, 16) * 0.3
     out = routed_qkv_rope(x, wq, wq * 0.5, plan, num_heads=2, num_kv_heads=1, rope_theta=1e4)
     assert calls[-1]["op"] == "routed_qkv_rope" and all(calls[-1]["ok"].values())
     assert any(n.startswith("triton:") for n in calls[-1]["names"])
@@ -104,13 +106,13 @@ def test_extra_candidates_registry(fake_select, monkeypatch):
     monkeypatch.setattr(TUN, "_extra_candidates", [TUN.ExtraLauncher("fake", lambda op, x, w: {"c1": 1.0}, run)])
     monkeypatch.setattr(API, "_extra_candidates", TUN._extra_candidates)
     plan = split_plan(1, 5, 2)
-    x, w = torch.randn(5, 8), torch.randn(4, 8)
+    x, w = _randn(5, 8), _randn(4, 8)
     routed_linear(x, w, w, plan)
     assert "fake:c1" in calls[-1]["names"] and calls[-1]["ok"]["fake:c1"] is False and calls[-1]["ok"]["torch"]
     select.pick = {"routed_linear": "fake:"}
     y = routed_linear(x, w, w, plan)
     assert RL.last_backend("routed_linear") == "auto/fake:c1" and ran[-1] == ("routed_linear", 1.0)
-    assert torch.equal(y, torch.ones(5, 4))
+    assert torch.equal(y, torch.ones(5, 4, device=DEVICE))
 
 
 def test_backend_names_round_trip():
@@ -128,17 +130,17 @@ def test_strided_bias_residual_x_weights_triton():
     """Strided views on the Triton path (the old epilogue read bias_ptr + col: wrong for a strided bias)."""
     plan = split_plan(1, 21, 9, seed=2)
     T, K, N = 21, 16, 12
-    x_big, w_big = torch.randn(T, 2 * K), torch.randn(K, 3 * N)
+    x_big, w_big = _randn(T, 2 * K), _randn(K, 3 * N)
     x = x_big[:, ::2]                     # column-strided x
     wv = w_big[:, :N].t()                 # transposed view [N, K], stride (1, 3N)
-    wl = torch.randn(N, 2 * K)[:, 1::2]   # column-strided weight
-    bv, bl = torch.randn(2 * N)[::2], torch.randn(3 * N)[1::3]   # strided biases
-    res = torch.randn(N, T).t()           # transposed residual
+    wl = _randn(N, 2 * K)[:, 1::2]   # column-strided weight
+    bv, bl = _randn(2 * N)[::2], _randn(3 * N)[1::3]   # strided biases
+    res = _randn(N, T).t()           # transposed residual
     y = routed_linear(x, wv, wl, plan, bias_vision=bv, bias_language=bl, residual=res, backend="triton")
     ref = RL.routed_linear_reference(x, wv, wl, plan, bias_vision=bv, bias_language=bl, residual=res)
     assert rel_err(y, ref) < 1e-5
-    wq = torch.randn(4 * 8, 32)[:, ::2]
-    bq = torch.randn(64)[::2]
+    wq = _randn(4 * 8, 32)[:, ::2]
+    bq = _randn(64)[::2]
     kw = dict(num_heads=2, num_kv_heads=1, rope_theta=1e4)
     out = routed_qkv_rope(x, wq, wq, plan, bias_vision=bq, backend="triton", **kw)
     for o, r in zip(out, RL.routed_qkv_rope_reference(x, wq, wq, plan, bias_vision=bq, **kw)):
@@ -147,7 +149,7 @@ def test_strided_bias_residual_x_weights_triton():
 
 def test_bad_inputs_named_before_any_kernel():
     plan = split_plan(1, 5, 2)
-    x, w = torch.randn(5, 8), torch.randn(4, 8)
+    x, w = _randn(5, 8), _randn(4, 8)
     with pytest.raises(ValueError, match="backend must be one of"):
         routed_swiglu(x, w, w, w, w, plan, backend="cuda")
     with pytest.raises(TypeError, match="backend must be a str"):
@@ -155,12 +157,12 @@ def test_bad_inputs_named_before_any_kernel():
     with pytest.raises(TypeError, match="recompute"):
         routed_swiglu(x, w, w, w, w, plan, recompute="yes")
     with pytest.raises(TypeError, match="bias_language"):
-        routed_linear(x, w, w, plan, bias_language=torch.randn(4).double())
+        routed_linear(x, w, w, plan, bias_language=_randn(4).double())
     with pytest.raises(ValueError, match="rope_theta"):
-        routed_qkv_rope(x, torch.randn(32, 8), torch.randn(32, 8), plan, num_heads=2, num_kv_heads=1,
+        routed_qkv_rope(x, _randn(32, 8), _randn(32, 8), plan, num_heads=2, num_kv_heads=1,
                         rope_theta=float("inf"))
     with pytest.raises(TypeError, match="num_heads"):
-        routed_qkv_rope(x, torch.randn(32, 8), torch.randn(32, 8), plan, num_heads=2.0, num_kv_heads=1,
+        routed_qkv_rope(x, _randn(32, 8), _randn(32, 8), plan, num_heads=2.0, num_kv_heads=1,
                         rope_theta=1e4)
     with pytest.raises(TypeError, match="x must"):
         routed_linear([[1.0]], w, w, plan)
