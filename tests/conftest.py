@@ -53,3 +53,13 @@ def device() -> str:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def fp32_highest():
+    """fp32 comparisons stay tight on CUDA: no TF32 in the PyTorch matmuls (test modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("fp32_highest")``; the Triton GEMMs follow the same setting)."""
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(prev)

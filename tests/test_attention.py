@@ -28,13 +28,7 @@ TRITON_DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
 cpu_interpreter_only = pytest.mark.skipif(HAS_CUDA, reason="checks the CPU interpreter's behaviour (tiles / dispatch)")
 
 
-@pytest.fixture(autouse=True)
-def _fp32_highest():
-    """fp32 comparisons stay tight on CUDA: no TF32 in the PyTorch matmuls."""
-    prev = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(prev)
+pytestmark = pytest.mark.usefixtures("fp32_highest")  # conftest: no TF32 in fp32 comparisons on CUDA
 
 
 @pytest.fixture(autouse=True)

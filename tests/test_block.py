@@ -12,13 +12,7 @@ TT = torch.tensor([[0, 1, 1, 1, 1, 0, 0, 1, 1, 1, 0, 0, 0],     # two images
                    [0, 0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 1, 1]], device=DEVICE)    # image at the row end
 
 
-@pytest.fixture(autouse=True)
-def _fp32_highest():
-    """fp32 comparisons stay tight on CUDA: no TF32 in PyTorch matmuls (the Triton GEMMs follow the same setting)."""
-    prev = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(prev)
+pytestmark = pytest.mark.usefixtures("fp32_highest")  # conftest: no TF32 in fp32 comparisons on CUDA
 
 
 def _randn(*shape):

@@ -36,13 +36,7 @@ def _inputs(shape, dtype, wdtype=None, device=DEVICE):
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
-@pytest.fixture(autouse=True)
-def _fp32_highest():
-    """fp32 comparisons stay tight on CUDA: no TF32 in the PyTorch matmuls of the oracle / torch paths."""
-    prev = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(prev)
+pytestmark = pytest.mark.usefixtures("fp32_highest")  # conftest: no TF32 in fp32 comparisons on CUDA
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])

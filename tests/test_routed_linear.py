@@ -58,13 +58,7 @@ def poison(monkeypatch):
     monkeypatch.setattr(RL_LAUNCH, "_POISON_OUTPUTS", True)
 
 
-@pytest.fixture(autouse=True)
-def _fp32_highest():
-    """fp32 comparisons stay tight on CUDA: no TF32 in the PyTorch matmuls (the kernels follow the same setting)."""
-    prev = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(prev)
+pytestmark = pytest.mark.usefixtures("fp32_highest")  # conftest: no TF32 in fp32 comparisons on CUDA
 
 
 def _randn(*shape, requires_grad=False):

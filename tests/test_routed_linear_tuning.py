@@ -10,8 +10,10 @@ from vexpert_kernels.ops import routed_linear, routed_qkv_rope, routed_swiglu
 from vexpert_kernels.testing import rel_err
 
 from conftest import DEVICE
-# same tiny plans on the test device; _fp32_highest (autouse) keeps fp32 torch matmuls off TF32 on CUDA
-from test_routed_linear import RL, _fp32_highest, _randn, split_plan  # noqa: E402,F401
+# same tiny plans on the test device; the fp32_highest fixture (conftest) keeps fp32 torch matmuls off TF32 on CUDA
+from test_routed_linear import RL, _randn, split_plan  # noqa: E402,F401
+
+pytestmark = pytest.mark.usefixtures("fp32_highest")
 
 autotune = importlib.import_module("vexpert_kernels.autotune")
 API = importlib.import_module("vexpert_kernels.ops.routed_linear.api")
