@@ -55,6 +55,9 @@ def _worker(rank, world, init_file, mode, out_dir):
             grads = full_grads(model)
         if rank == 0:
             torch.save({"loss": loss_avg, "grads": grads}, os.path.join(out_dir, f"{mode}.pt"))
+        # both ranks reach teardown together: a rank that destroys its gloo group while the peer still holds the
+        # connection can abort the peer ("terminate called without an active exception", seen once in CI under load)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
