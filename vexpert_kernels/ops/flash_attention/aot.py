@@ -7,7 +7,8 @@ from vexpert_kernels._aot import CompileSpec
 from vexpert_kernels._triton_compat import HAS_TRITON
 
 from .configs import _DECODE_CONFIG, _FWD_TUNE_ALTERNATIVES, _TMA_FWD_CONFIGS, _GPU_CONFIGS, _PREPROCESS_CONFIG, _block_d, _pick
-from .kernels import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel, _attn_fwd_kernel
+if HAS_TRITON:  # the package imports (and uses the PyTorch backends) without Triton
+    from .kernels import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel, _attn_fwd_kernel
 
 
 # ----------------------------------------------------------------------------------------------------------- AOT specs

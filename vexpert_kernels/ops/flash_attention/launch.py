@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from vexpert_kernels._triton_compat import interpret_mode, require_triton, tl, triton
+from vexpert_kernels._triton_compat import HAS_TRITON, interpret_mode, require_triton, tl, triton
 
 from .configs import _PREPROCESS_CONFIG, _block_d, _configs_for
-from .kernels import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel, _attn_fwd_kernel
+if HAS_TRITON:  # the package imports (and uses the PyTorch backends) without Triton
+    from .kernels import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel, _attn_fwd_kernel
 from .masks import _kv_range, _varlen_span_bounds, canonical_span_ids, span_bounds
 
 LOG2E = 1.4426950408889634

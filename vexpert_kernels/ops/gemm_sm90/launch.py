@@ -20,11 +20,12 @@ from typing import Optional
 
 import torch
 
-from ..._triton_compat import interpret_mode, triton
+from ..._triton_compat import HAS_TRITON, interpret_mode, triton
 from ...validation import check_tensor, debug_checks_enabled
 from .configs import (INTERP_CONFIGS, INTERP_NUM_PROGRAMS, INTERP_WGRAD_CONFIGS, SM90_CONFIGS, SM90_SWIGLU_CONFIGS,
                       SM90_WGRAD_CONFIGS, SM90Config, gemm_reason)
-from .kernels import _grouped_gemm_sm90_kernel, _grouped_swiglu_sm90_kernel, _grouped_wgrad_sm90_kernel
+if HAS_TRITON:
+    from .kernels import _grouped_gemm_sm90_kernel, _grouped_swiglu_sm90_kernel, _grouped_wgrad_sm90_kernel
 
 __all__ = ["grouped_gemm_sm90", "grouped_gemm_dx_sm90", "grouped_wgrad_sm90", "grouped_swiglu_sm90"]
 
