@@ -288,18 +288,11 @@ def rmsnorm_bwd_cuda(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rs
 
 # ------------------------------------------------------------------------------------------------ benchmark
 def _median_ms(fn, iters: int = 50, warmup: int = 10) -> float:
+    from .autotune.tuner import cuda_event_timer  # the one CUDA-event timer
+
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
+    return cuda_event_timer(fn, reps=iters)
 
 
 def benchmark_cuda_kernels(device="cuda") -> dict:

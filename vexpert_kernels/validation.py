@@ -69,7 +69,10 @@ def check_same_dtype(pairs: Sequence) -> None:
 
 
 def check_choice(name: str, value, choices: Iterable) -> None:
+    """``value`` must be one of ``choices``; a non-string where the choices are names is a TypeError."""
     choices = tuple(choices)
+    if choices and all(isinstance(c, str) for c in choices) and not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, one of {list(choices)}, got {type(value).__name__}")
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
@@ -223,12 +226,7 @@ def attention_backend_choices() -> tuple:
 
 def check_backend_names(backend, attention_backend) -> None:
     """Block/stack/patch construction: reject unknown ``backend`` / ``attention_backend`` strings right away."""
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, one of {list(BLOCK_BACKENDS)}, got {type(backend).__name__}")
     check_choice("backend", backend, BLOCK_BACKENDS)
-    if not isinstance(attention_backend, str):
-        raise TypeError(f"attention_backend must be a string, one of {list(attention_backend_choices())}, got "
-                        f"{type(attention_backend).__name__}")
     check_choice("attention_backend", attention_backend, attention_backend_choices())
 
 
@@ -496,12 +494,7 @@ def check_lm_init(config, num_layers, vocab_size, backend, kernel_backend, check
         raise TypeError(f"config must be a VisualExpertConfig, got {type(config).__name__}")
     check_positive_int("num_layers", num_layers)
     check_positive_int("vocab_size", vocab_size)
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, one of {list(MODEL_BACKENDS)}, got {type(backend).__name__}")
     check_choice("backend", backend, MODEL_BACKENDS)
-    if not isinstance(kernel_backend, str):
-        raise TypeError(f"kernel_backend must be a string, one of {list(BLOCK_BACKENDS)}, got "
-                        f"{type(kernel_backend).__name__}")
     check_choice("kernel_backend", kernel_backend, BLOCK_BACKENDS)
     check_bool("checkpoint", checkpoint)
 
