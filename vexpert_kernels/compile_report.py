@@ -8,7 +8,10 @@ discovered (``pkgutil``). Each spec is compiled with ``triton.compile(ASTSource(
 the cubin is read back with the ``cuobjdump`` bundled in Triton (``--dump-resource-usage``). Reported per kernel and
 config: registers, stack bytes (spills land there), local memory, shared memory (dynamic, as the launcher requests
 it, and static), whether the PTX holds ``wgmma`` (sm_90a) / ``mma``, and whether TMA bulk-tensor copies
-(``cp.async.bulk.tensor``) appear where ``spec.expects_tma`` says the kernel means to use them.
+(``cp.async.bulk.tensor``) appear where ``spec.expects_tma`` says the kernel means to use them, and whether the
+kernel is warp-specialised (``ws``: a ``ttg.warp_specialize`` op in the TTGIR, i.e. producer/consumer partitions with
+``setmaxnreg``); a config that asks for it (a true ``WARP_SPEC`` constexpr) but lost it on sm_90 is a problem
+(docs/warp_specialization.md: Triton 3.6/3.9 only split num_warps=4, non-flattened loops).
 
 Why subprocesses: ``triton.compile`` cannot take an ``InterpretedFunction`` (what ``@triton.jit`` returns under
 ``TRITON_INTERPRET=1``, which the test-suite sets), so compiling happens in worker processes started with
@@ -61,6 +64,8 @@ class CompileResult:
     mma: Optional[bool] = None
     tma: Optional[bool] = None
     expects_tma: bool = False
+    ws: Optional[bool] = None                  # TTGIR has ttg.warp_specialize (producer/consumer partitions)
+    expects_ws: bool = False                   # the spec asks for it (constexpr WARP_SPEC true)
     compile_s: Optional[float] = None
     triton_version: Optional[str] = None
     constexprs: dict = field(default_factory=dict)
@@ -73,6 +78,10 @@ class CompileResult:
     def tma_missing(self) -> bool:
         return bool(self.ok and self.expects_tma and self.arch >= 90 and not self.tma)
 
+    @property
+    def ws_missing(self) -> bool:
+        return bool(self.ok and self.expects_ws and self.arch >= 90 and not self.ws)
+
     def problems(self) -> list:
         """What makes this config unacceptable on this target (empty when fine)."""
         out = []
@@ -83,6 +92,8 @@ class CompileResult:
             out.append(f"spills: stack {self.stack_bytes} B, local {self.local_bytes} B, {self.registers} registers")
         if self.tma_missing:
             out.append("expects TMA but the PTX has no cp.async.bulk.tensor")
+        if self.ws_missing:
+            out.append("asks for warp specialisation (WARP_SPEC) but the TTGIR has no ttg.warp_specialize")
         return out
 
     def to_dict(self) -> dict:
@@ -146,6 +157,12 @@ def ptx_features(ptx: str) -> dict:
     }
 
 
+def ttgir_warp_specialized(ttgir: str) -> bool:
+    """The compiled kernel was split into warp-specialised partitions (``ttg.warp_specialize`` op in the TTGIR; a
+    dropped request leaves only the ``tt.warp_specialize`` loop attribute, or nothing)."""
+    return bool(re.search(r"\bttg\.warp_specialize\s*\(", ttgir or ""))
+
+
 def _full_signature(fn, spec) -> dict:
     """Signature in argument order, with constexprs filled in as "constexpr"; a missing argument names itself."""
     arg_names = list(getattr(fn, "arg_names", []) or spec.signature.keys())
@@ -172,6 +189,7 @@ def compile_spec(spec, arch: int, module: str = "", index: int = 0) -> CompileRe
 
     res = CompileResult(module=module, index=index, name=spec.name, arch=arch, num_warps=spec.num_warps,
                         num_stages=spec.num_stages, expects_tma=bool(spec.expects_tma),
+                        expects_ws=bool(spec.constexprs.get("WARP_SPEC", False)),
                         triton_version=triton.__version__,
                         constexprs={k: (v if isinstance(v, (int, float, bool, str)) or v is None else repr(v))
                                     for k, v in spec.constexprs.items()})
@@ -207,6 +225,7 @@ def compile_spec(spec, arch: int, module: str = "", index: int = 0) -> CompileRe
         res.static_shared_bytes = usage["shared"]
         res.shared_bytes = int(getattr(kernel.metadata, "shared", 0) or 0)
         res.wgmma, res.mma, res.tma = feats["wgmma"], feats["mma"], feats["tma"]
+        res.ws = ttgir_warp_specialized(kernel.asm["ttgir"])
         res.ok = True
     except Exception as exc:  # report, never crash the whole report
         res.error = _short_error(exc)
@@ -338,17 +357,18 @@ def build_report(modules: Optional[Iterable[str]] = None, archs=DEFAULT_ARCHS, n
 
 
 # ----------------------------------------------------------------------------------------------- output
-COLUMNS = ["kernel", "arch", "warps/stages", "regs", "stack B", "smem KiB", "wgmma", "mma", "TMA", "status"]
+COLUMNS = ["kernel", "arch", "warps/stages", "regs", "stack B", "smem KiB", "wgmma", "mma", "TMA", "ws", "status"]
 
 
 def _row(r: CompileResult) -> list:
     yn = lambda v: "-" if v is None else ("yes" if v else "no")  # noqa: E731
     tma = yn(r.tma) + (" (expected)" if r.expects_tma and r.arch >= 90 else "")
+    ws = yn(r.ws) + (" (expected)" if r.expects_ws and r.arch >= 90 else "")
     arch = f"sm_{r.arch}{'a' if r.arch == 90 else ''}" if r.arch else "-"
     status = "ok" if not r.problems() else "; ".join(r.problems())
     smem = "-" if r.shared_bytes is None else f"{(r.shared_bytes + (r.static_shared_bytes or 0)) / 1024:.1f}"
     return [r.name, arch, f"{r.num_warps}/{r.num_stages}", "-" if r.registers is None else str(r.registers),
-            "-" if r.stack_bytes is None else str(r.stack_bytes), smem, yn(r.wgmma), yn(r.mma), tma, status]
+            "-" if r.stack_bytes is None else str(r.stack_bytes), smem, yn(r.wgmma), yn(r.mma), tma, ws, status]
 
 
 def format_markdown(results: list, triton_version: Optional[str] = None) -> str:

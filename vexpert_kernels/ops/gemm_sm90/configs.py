@@ -46,17 +46,39 @@ class SM90Config:
         return s
 
 
+def hopper_ws_pass_available() -> bool:
+    """Capability probe (no compile): this Triton's NVIDIA backend has the sm_90 warp-specialisation pass
+    (``nvidia.passes.hopper.add_hopper_warpspec``, run by ``make_ttgir`` for capability 9.x). Whether a given kernel
+    is actually split is checked by compiling it (``tests/test_warp_specialize.py``, the compile report's ws column)."""
+    if not HAS_TRITON:
+        return False
+    try:
+        from triton._C.libtriton import nvidia
+    except Exception:  # pragma: no cover - a Triton build without the NVIDIA backend
+        return False
+    return callable(getattr(getattr(nvidia.passes, "hopper", None), "add_hopper_warpspec", None))
+
+
+def _ws_configs(*cfgs: SM90Config) -> list:
+    """The ``:ws`` configs, only where the sm_90 warp-specialisation pass exists (else they would just duplicate
+    a plain 4-warp candidate)."""
+    return list(cfgs) if hopper_ws_pass_available() else []
+
+
 # Forward and dX (x [T, R] @ B -> y [T, C]); the tile is BLOCK_M rows x BLOCK_N output columns.
-# No ":ws" configs: ``tl.range(warp_specialize=True)`` is accepted on sm_90 by Triton 3.6 and 3.9 but left as an
-# attribute (no ttg.warp_specialize partitions, no setmaxnreg; the SASS is identical to the plain config), so a
-# ws config would only be a duplicate candidate. The kernels keep the switch for a Triton that implements it.
+# Warp specialisation (docs/warp_specialization.md): Triton 3.6 and 3.9 split an sm_90 kernel into one TMA-producer
+# and two wgmma-consumer warpgroups (ttg.warp_specialize, 12 warps, setmaxnreg) only for num_warps=4 and a loop that
+# is NOT flattened; with num_warps=8 or flatten=True the request is silently dropped. Hence the ":ws:noflat" configs
+# (appended last: launch.py picks defaults by index). Their pipeline buffers are allocated per expert pass, so they
+# need fewer stages; epi_split=2 crashes the pass (3.6 and 3.9), so they store whole tiles.
 SM90_CONFIGS = [
     SM90Config(128, 256, 64, 8, 3, epi_split=2),    # big T, wide N (gate-up; o/down at T >= 4k); 176-213 KiB smem
     SM90Config(256, 128, 64, 8, 3, epi_split=2),    # tall tiles: fewer W re-reads when T >> N
     SM90Config(128, 128, 64, 8, 4),                 # medium
     SM90Config(128, 128, 64, 4, 4),                 # one consumer warpgroup, 128 accumulator registers/thread
     SM90Config(64, 128, 64, 4, 4),                  # small T: more tiles for 132 SMs
-]
+] + _ws_configs(SM90Config(128, 128, 64, 4, 3, warp_specialize=True, flatten=False),   # 225 KiB smem (3.9)
+                SM90Config(64, 128, 64, 4, 3, warp_specialize=True, flatten=False))    # 177 KiB
 
 # dW_e = dY_e^T X_e: the tile is BLOCK_N x BLOCK_K of dW, the reduction walks BLOCK_M rows at a time.
 SM90_WGRAD_CONFIGS = [
@@ -64,14 +86,14 @@ SM90_WGRAD_CONFIGS = [
     SM90Config(64, 256, 128, 8, 3, epi_split=2),
     SM90Config(64, 128, 128, 8, 4),
     SM90Config(64, 128, 128, 4, 4),
-]
+] + _ws_configs(SM90Config(64, 128, 128, 4, 3, warp_specialize=True, flatten=False))   # 225 KiB smem
 
 # SwiGLU (gate + up in one pass): two fp32 accumulators per tile, three outputs (h, g, u) per epilogue subtile.
 SM90_SWIGLU_CONFIGS = [
     SM90Config(128, 128, 64, 8, 3, epi_split=2),    # 255 registers under 3.6 (no spill), 173 under 3.9
     SM90Config(128, 64, 64, 8, 4),                  # (128x64 w4 s4 spilled 16 B under 3.6: dropped)
     SM90Config(64, 128, 64, 8, 3),
-]
+] + _ws_configs(SM90Config(128, 64, 64, 4, 3, warp_specialize=True, flatten=False))    # 209 KiB smem
 
 # Interpreter (CPU) configs: tiny tiles so tests run in seconds, and so that T, N, K and the expert boundary are
 # not multiples of the tile. Same kernels and code paths (epi_split 1 and 2, both B layouts).
