@@ -163,3 +163,16 @@ def test_ws_launch_path_numerics_interpreter():
     g = torch.cat([xd[:nv] @ gv.double().T, xd[nv:] @ gl.double().T])
     u = torch.cat([xd[:nv] @ uv.double().T, xd[nv:] @ ul.double().T])
     assert _rel(h, torch.nn.functional.silu(g) * u) < 2e-2 and _rel(gu, torch.cat([g, u], 1)) < 1e-2
+
+
+# ----------------------------------------------------------------------------------------------- compile report
+def test_compile_report_ws_column_and_problem():
+    from vexpert_kernels import compile_report as cr
+    assert cr.ttgir_warp_specialized("    ttg.warp_specialize(%a, %b)\n    default {")
+    assert not cr.ttgir_warp_specialized("} {tt.warp_specialize} loc(#loc2)")  # a dropped request: attribute only
+    base = dict(module="m", index=0, name="k", num_warps=4, num_stages=3, ok=True, stack_bytes=0, local_bytes=0)
+    lost = cr.CompileResult(**base, arch=90, expects_ws=True, ws=False)
+    assert any("warp specialisation" in p for p in lost.problems())
+    assert cr.CompileResult(**base, arch=90, expects_ws=True, ws=True).problems() == []
+    assert cr.CompileResult(**base, arch=80, expects_ws=True, ws=False).problems() == []  # sm_90 only
+    assert "ws" in cr.COLUMNS and cr._row(lost)[cr.COLUMNS.index("ws")] == "no (expected)"
