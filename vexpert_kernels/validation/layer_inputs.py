@@ -57,9 +57,12 @@ def check_forward_args(hidden_states, token_type_ids, hidden_size: int, *, block
     return tt
 
 
-def check_position_ids(position_ids, batch: int, length: int, device) -> Optional[torch.Tensor]:
+def check_position_ids(position_ids, batch: int, length: int, device, *,
+                       broadcast: bool = True) -> Optional[torch.Tensor]:
     """None, or integer [B, L] / [1, L] (broadcast over the batch, as HF does) -> int64 [B, L] (the given tensor
-    itself when it already is int64 [B, L])."""
+    itself when it already is int64 [B, L]). ``broadcast=False``: the given tensor itself, whatever its integer dtype
+    and first dim (a layer's RoPE cache keys on the tensor the decoder hands every layer and broadcasts it once per
+    forward, ``layer_context.RopeCache``)."""
     if position_ids is None:
         return None
     check_tensor("position_ids", position_ids, integer=True)
@@ -68,7 +71,7 @@ def check_position_ids(position_ids, batch: int, length: int, device) -> Optiona
                          f"the batch), got {tuple(position_ids.shape)}")
     if position_ids.device != device:
         raise ValueError(f"position_ids is on {position_ids.device} but hidden_states is on {device}")
-    if position_ids.dtype == torch.int64 and position_ids.shape[0] == batch:
+    if not broadcast or (position_ids.dtype == torch.int64 and position_ids.shape[0] == batch):
         return position_ids  # the same object: per-plan caches (RoPE tables) key on it
     return position_ids.long().expand(batch, length)
 

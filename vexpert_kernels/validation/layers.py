@@ -23,8 +23,9 @@ def check_block_forward(block, hidden_states, token_type_ids, position_ids, atte
                         routed: bool):
     """Everything ``VisualExpertBlock.forward`` is given, checked before any kernel runs.
 
-    Returns ``(token_type_ids [B, L] or None when routed, position_ids [B, L] int64 or None)``; ``[1, L]`` position
-    ids come back expanded to ``[B, L]``. See :func:`check_plan_matches` for when plan values are compared."""
+    Returns ``(token_type_ids [B, L] or None when routed, position_ids or None)``; position ids come back as given
+    (integer ``[B, L]`` or ``[1, L]``: the layer's RoPE cache broadcasts them once per forward). See
+    :func:`check_plan_matches` for when plan values are compared."""
     cfg = block.config
     check_bool("routed", routed)
     if block.requested_backend == "auto":  # env overrides are read (and rejected if unknown) before any kernel
@@ -52,7 +53,7 @@ def check_block_forward(block, hidden_states, token_type_ids, position_ids, atte
     dev = hidden_states.device
     past = check_past_key_value(past_key_value, B, cfg.num_key_value_heads, cfg.head_dim, hidden_states.dtype, dev)
     check_attention_mask(attention_mask, B, L, past + L, dev, cfg.num_attention_heads)
-    position_ids = check_position_ids(position_ids, B, L, dev)
+    position_ids = check_position_ids(position_ids, B, L, dev, broadcast=False)
     if plan is not None:
         if tt is not None:
             check_plan_matches(plan, tt, attention_mask)
