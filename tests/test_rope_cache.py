@@ -139,3 +139,12 @@ def test_rope_cache_keys_and_copies():
     assert rope_position_ids(pos.int(), 3, 4).dtype == torch.int64
     copied = copy.deepcopy(stack)
     assert copied.layers[0].rope_cache is copied.layers[1].rope_cache is not stack.layers[0].rope_cache
+
+
+def test_rope_cache_frees_tables_with_their_plan():
+    cache, inv = RopeCache(), torch.rand(8)
+    plan = RoutingPlan.build(torch.tensor([[0, 1, 1, 0]]))
+    cache.table(plan, inv, None)
+    assert len(cache._tables) == 1
+    del plan  # the forward is over
+    assert cache._tables == [] and cache._plan is None

@@ -15,6 +15,7 @@ host synchronisation. Under ``torch.compile`` nothing is cached (each call build
 """
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -101,6 +102,13 @@ def same_rope_state(a: nn.Module, b: nn.Module) -> bool:
             and bool(torch.equal(ia, ib)))
 
 
+def _forget_tables(cache_ref, plan_ref) -> None:
+    """The plan of a RopeCache's tables is gone (its forward is over): free the tables with it."""
+    cache = cache_ref()
+    if cache is not None and cache._plan is plan_ref:
+        cache._plan, cache._tables = None, []
+
+
 class RopeCache:
     """One RoPE (cos, sin) table per model forward for all the layers given this cache (``patch_cogvlm``,
     ``VisualExpertLM`` and ``VisualExpertStack`` give all their layers one; a lone block has its own).
@@ -183,7 +191,7 @@ class RopeCache:
             return plan.rope_table(inv_freq, position_dtype,
                                    rope_position_ids(position_ids, plan.batch_size, plan.seq_len))
         if self._plan is None or self._plan() is not plan:
-            self._plan, self._tables = weakref.ref(plan), []
+            self._plan, self._tables = weakref.ref(plan, functools.partial(_forget_tables, weakref.ref(self))), []
         for inv_ref, pdt, pos_ref, table in self._tables:
             if _same(inv_ref, inv_freq) and pdt == position_dtype and _same(pos_ref, position_ids):
                 return table
