@@ -300,7 +300,7 @@ class VisualExpertBlock(nn.Module):
         return x
 
     def _qkv(self, h, plan, position_ids, gemm_backend):
-        """Routed QKV + RoPE -> q [B, H, L, hd], k, v [B, KV, L, hd] (sequence order). position_ids [B|1, L] or None."""
+        """Routed QKV + RoPE -> q [B, H, L, hd], k, v [B, KV, L, hd] (sequence order); position_ids [B|1, L] / None."""
         from .ops import routed_qkv_rope
 
         cfg, attn = self.config, self.self_attn
@@ -378,9 +378,7 @@ class VisualExpertStack(nn.Module):
         check_stack_init(config, num_layers, block_kwargs)
         self.config = config
         self.layers = nn.ModuleList(VisualExpertBlock(config, **block_kwargs) for _ in range(num_layers))
-        rope = RopeCache()  # one RoPE table per forward for all layers
-        for layer in self.layers:
-            layer.rope_cache = rope
+        RopeCache.shared_by(self.layers)  # one RoPE table per forward for all layers
 
     def forward(self, hidden_states, token_type_ids, position_ids=None, attention_mask=None, plan=None):
         return visual_expert_layers(self.layers, hidden_states, token_type_ids, position_ids=position_ids,

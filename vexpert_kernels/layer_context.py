@@ -127,6 +127,14 @@ class RopeCache:
         self.clear()
         self.builds = 0
 
+    @classmethod
+    def shared_by(cls, layers) -> "RopeCache":
+        """One new cache given to every layer of ``layers`` (their ``rope_cache``); returns it."""
+        cache = cls()
+        for layer in layers:
+            layer.rope_cache = cache
+        return cache
+
     def clear(self):
         self._lead = None                              # weakref to the leading rotary module
         self._verdicts = weakref.WeakKeyDictionary()   # module -> (its inv_freq ref, lead's inv_freq ref, same?)

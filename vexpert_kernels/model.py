@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .block import VisualExpertBlock, visual_expert_layers
-from .layer_context import RopeCache
 from .config import VisualExpertConfig
+from .layer_context import RopeCache
 from .reference import RMSNorm
 from .reference import VisualExpertBlock as ReferenceBlock
 from .validation import check_lm_forward, check_lm_init
@@ -28,9 +28,7 @@ class VisualExpertLM(nn.Module):
         self.embed_tokens = nn.Embedding(vocab_size, config.hidden_size)
         if backend == "fused":
             self.layers = nn.ModuleList(VisualExpertBlock(config, backend=kernel_backend) for _ in range(num_layers))
-            rope = RopeCache()  # one RoPE cos/sin table per forward for all layers (their rotary states are equal)
-            for layer in self.layers:
-                layer.rope_cache = rope
+            RopeCache.shared_by(self.layers)  # one RoPE cos/sin table per forward for all layers
         else:
             self.layers = nn.ModuleList(ReferenceBlock(config) for _ in range(num_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)

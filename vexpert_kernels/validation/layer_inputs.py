@@ -71,9 +71,11 @@ def check_position_ids(position_ids, batch: int, length: int, device, *,
                          f"the batch), got {tuple(position_ids.shape)}")
     if position_ids.device != device:
         raise ValueError(f"position_ids is on {position_ids.device} but hidden_states is on {device}")
-    if not broadcast or (position_ids.dtype == torch.int64 and position_ids.shape[0] == batch):
-        return position_ids  # the same object: per-plan caches (RoPE tables) key on it
-    return position_ids.long().expand(batch, length)
+    if not broadcast:
+        return position_ids  # the same object: the RoPE caches key on it
+    from ..layer_context import rope_position_ids
+
+    return rope_position_ids(position_ids, batch, length)  # int64 [B, L] itself, else a broadcast int64 copy
 
 
 def check_attention_mask(attention_mask, batch: int, q_len: int, kv_len: int, device, num_heads: int = 1):
