@@ -12,9 +12,9 @@ Parameters live in the same submodules as HF (``self_attn.vision_expert_query_ke
 HF-compatible both ways and ``patch_cogvlm`` can share an HF layer's modules without copying. Projections that are not
 plain ``nn.Linear`` (e.g. PEFT/LoRA wrappers) are called as modules on the two contiguous expert slices instead.
 
-RoPE: the cos/sin table comes from the layer's rotary module's own ``inv_freq`` (``RoutingPlan.rope_table``, built
-once per plan). Layers called one by one by an HF decoder share one plan per model forward through a ``PlanCache``
-(see ``layer_context.py`` and ``integrations.hf``).
+RoPE: the cos/sin table comes from the layer's rotary module's own ``inv_freq`` (``RoutingPlan.rope_table``), built
+once per model forward for all layers that share a ``RopeCache``. Layers called one by one by an HF decoder share one
+plan per model forward through a ``PlanCache`` (see ``layer_context.py`` and ``integrations.hf``).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from torch import nn
 
 from .config import VisualExpertConfig
 from .reference import RMSNorm, VisionExpertAttention, VisionExpertMLP, apply_rotary
-from .layer_context import PlanCache, keep_mask_from_additive, rope_inputs  # noqa: F401  (re-exported)
+from .layer_context import PlanCache, RopeCache, keep_mask_from_additive, rope_inputs  # noqa: F401  (re-exported)
 from .routing import RoutingPlan
 from .validation import (check_block_forward, check_block_init, check_layers_call, check_packed_plan,
                          check_stack_init, default_position_ids, env_attention_backend, resolve_gemm_path)
@@ -95,14 +95,14 @@ class VisualExpertBlock(nn.Module):
         self.plan_cache: Optional[PlanCache] = None   # shared by the model's layers: one plan per model forward
         self.hf_decoder_mask = False    # a 4-D attention_mask is the HF decoder's causal + key-padding mask
         self.rope_positions = "module"  # "fp32": exact positions even if the rotary module would round them
-        self._theta_inv_freq = None
+        self.rope_cache = RopeCache()   # shared by a model's layers (patch_cogvlm, stack, LM): one table per forward
         object.__setattr__(self, "_rope_module", None)  # see share_rope_with (plain attribute, not a submodule)
 
     def share_rope_with(self, rotary_emb: Optional[nn.Module]) -> None:
-        """Read RoPE from ``rotary_emb`` instead of this layer's own ``self_attn.rotary_emb`` — for layers whose
-        rotary modules hold identical ``inv_freq`` buffers (every HF checkpoint), so that ``RoutingPlan.rope_table``
-        (cached per ``inv_freq`` tensor) builds ONE table per forward for all layers. ``patch_cogvlm`` checks the
-        buffers are equal before sharing. Not registered as a submodule (state dict unchanged)."""
+        """Read RoPE from ``rotary_emb`` instead of this layer's own ``self_attn.rotary_emb``, unchecked. Layers
+        sharing one ``rope_cache`` (``patch_cogvlm``, stacks, ``VisualExpertLM``) already share one table per forward
+        when their rotary modules' states are equal (checked once, see ``layer_context.RopeCache``). Not registered
+        as a submodule (state dict unchanged)."""
         object.__setattr__(self, "_rope_module", rotary_emb)
 
     def _rotary(self):
@@ -158,7 +158,7 @@ class VisualExpertBlock(nn.Module):
             _check_packed(plan, attention_mask, past_key_value)
         elif position_ids is None:
             # (a packed plan keeps position_ids None: its routed_position_ids restart at every sequence)
-            position_ids = default_position_ids(token_type_ids, attention_mask, past_key_value)
+            position_ids = self._default_position_ids(token_type_ids, attention_mask, past_key_value)
         own_plan = plan is None
         if own_plan:
             plan, attention_mask = self._plan_for(token_type_ids, attention_mask)
@@ -200,20 +200,25 @@ class VisualExpertBlock(nn.Module):
             return build()
         return self.plan_cache.get(token_type_ids, attention_mask, build)
 
+    def _default_position_ids(self, token_type_ids, attention_mask, past_key_value):
+        """HF position ids when none are given: once per model forward for layers sharing a ``plan_cache``."""
+        if self.plan_cache is None or past_key_value is not None:  # (raises with a KV cache: positions required)
+            return default_position_ids(token_type_ids, attention_mask, past_key_value)
+        return self.plan_cache.positions(token_type_ids, attention_mask,
+                                         lambda: default_position_ids(token_type_ids, attention_mask, None))
+
     def _rope_cos_sin(self, plan: RoutingPlan, position_ids=None):
-        """fp32 (cos, sin) [T, hd/2] in routed order from the rotary module's own state (cached on the plan)."""
+        """fp32 (cos, sin) [T, hd/2] in routed order from the rotary module's own state; position_ids None (the
+        plan's) or integer [B, L] / [1, L]. One table per model forward for all layers sharing ``rope_cache``."""
         rot = self._rotary()
-        src = rope_inputs(rot, self.rope_positions) if rot is not None else None
+        src = self.rope_cache.inputs(rot, self.rope_positions) if rot is not None else None
         if src is None:  # no inv_freq to read: the config's theta
-            cfg, hd = self.config, self.config.head_dim
-            if self._theta_inv_freq is None or self._theta_inv_freq.device != plan.device:
-                # same formula (and fp32 rounding) as ops.routed_qkv_rope(rope_theta=...)
-                exps = torch.arange(0, hd, 2, device=plan.device, dtype=torch.int64).float() / hd
-                self._theta_inv_freq = 1.0 / (float(cfg.rope_theta) ** exps)
-            inv, pdt = self._theta_inv_freq, cfg.rope_position_dtype
+            cfg = self.config
+            inv = self.rope_cache.theta_inv_freq(cfg.rope_theta, cfg.head_dim, plan.device)
+            pdt = cfg.rope_position_dtype
         else:
             inv, pdt, _ = src
-        return plan.rope_table(inv, pdt, position_ids)
+        return self.rope_cache.table(plan, inv, pdt, position_ids)
 
     @property
     def rope_source(self) -> str:
@@ -295,7 +300,7 @@ class VisualExpertBlock(nn.Module):
         return x
 
     def _qkv(self, h, plan, position_ids, gemm_backend):
-        """Routed QKV + RoPE -> q [B, H, L, hd], k, v [B, KV, L, hd] (sequence order). position_ids [B, L] or None."""
+        """Routed QKV + RoPE -> q [B, H, L, hd], k, v [B, KV, L, hd] (sequence order); position_ids [B|1, L] / None."""
         from .ops import routed_qkv_rope
 
         cfg, attn = self.config, self.self_attn
@@ -373,6 +378,7 @@ class VisualExpertStack(nn.Module):
         check_stack_init(config, num_layers, block_kwargs)
         self.config = config
         self.layers = nn.ModuleList(VisualExpertBlock(config, **block_kwargs) for _ in range(num_layers))
+        RopeCache.shared_by(self.layers)  # one RoPE table per forward for all layers
 
     def forward(self, hidden_states, token_type_ids, position_ids=None, attention_mask=None, plan=None):
         return visual_expert_layers(self.layers, hidden_states, token_type_ids, position_ids=position_ids,

@@ -9,6 +9,7 @@ from torch import nn
 
 from .block import VisualExpertBlock, visual_expert_layers
 from .config import VisualExpertConfig
+from .layer_context import RopeCache
 from .reference import RMSNorm
 from .reference import VisualExpertBlock as ReferenceBlock
 from .validation import check_lm_forward, check_lm_init
@@ -27,6 +28,7 @@ class VisualExpertLM(nn.Module):
         self.embed_tokens = nn.Embedding(vocab_size, config.hidden_size)
         if backend == "fused":
             self.layers = nn.ModuleList(VisualExpertBlock(config, backend=kernel_backend) for _ in range(num_layers))
+            RopeCache.shared_by(self.layers)  # one RoPE cos/sin table per forward for all layers
         else:
             self.layers = nn.ModuleList(ReferenceBlock(config) for _ in range(num_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)

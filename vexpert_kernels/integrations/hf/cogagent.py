@@ -14,7 +14,7 @@ module returns as its cache (its keys/values of the image features), handed back
 from __future__ import annotations
 
 from ...block import VisualExpertBlock
-from ...validation import check_forward_args as _check_forward_args, default_position_ids
+from ...validation import check_forward_args as _check_forward_args, check_position_ids
 
 
 class CogAgentExpertBlock(VisualExpertBlock):
@@ -46,10 +46,11 @@ class CogAgentExpertBlock(VisualExpertBlock):
         exists); past_key_value ``(k, v, cross_cache)``. Returns ``(hidden,)`` (+ ``(None,)``) (+ ``(present,)``)."""
         token_type_ids = _check_forward_args(hidden_states, token_type_ids, self.hidden_size)
         B, L, _ = hidden_states.shape
+        position_ids = check_position_ids(position_ids, B, L, hidden_states.device, broadcast=False)
         self_past = tuple(past_key_value[:2]) if past_key_value is not None else None
         cross_past = past_key_value[-1] if past_key_value is not None and len(past_key_value) > 2 else None
         if position_ids is None:
-            position_ids = default_position_ids(token_type_ids, attention_mask, self_past)
+            position_ids = self._default_position_ids(token_type_ids, attention_mask, self_past)
         plan, attention_mask = self._plan_for(token_type_ids, attention_mask)
         if L == 1:  # decode: language expert only, dense
             x, present = self._attention_language_only(hidden_states, position_ids, attention_mask, self_past,

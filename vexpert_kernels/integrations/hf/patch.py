@@ -5,7 +5,10 @@ What a patched layer does differently from a plain :class:`VisualExpertBlock`:
 
 * RoPE from the model's own rotary module: its ``inv_freq`` buffer as stored (a bf16 checkpoint's bf16 values —
   theta is never inferred) and the position dtype that module would use (``inv_freq``'s dtype for both upstream
-  modules), built once per forward on the RoutingPlan (``RoutingPlan.rope_table``);
+  modules); ONE cos/sin table per model forward for all layers (a shared
+  :class:`~vexpert_kernels.layer_context.RopeCache` keyed on the position ids tensor the decoder hands every layer —
+  ``[B, L]`` or ``[1, L]``, any integer dtype — and on the rotary buffers, whose equality across layers is checked
+  once, not per forward);
 * one RoutingPlan per model forward, shared by all layers through a :class:`~vexpert_kernels.block.PlanCache` (the
   decoder hands every layer the same ``token_type_ids`` and mask tensors); decode steps build one tiny plan per
   token, not per layer;
@@ -99,18 +102,15 @@ def config_from_hf_layer(layer: nn.Module, **overrides) -> VisualExpertConfig:
 
 
 def _shared_rotary(layers):
-    """The first layer's rotary module if every layer's ``inv_freq`` buffer is identical (dtype and values; checked
-    once here, on the host), else None."""
+    """The first layer's rotary module if every layer's rotary state is identical (``same_rope_state``: checked once
+    here, on the host; for the report — the layers' shared RopeCache checks it again whenever a buffer changes),
+    else None."""
+    from ...layer_context import same_rope_state
+
     rots = [getattr(layer.self_attn, "rotary_emb", None) for layer in layers]
-    invs = [getattr(r, "inv_freq", None) for r in rots]
-    if not all(isinstance(t, torch.Tensor) for t in invs):
+    if not all(isinstance(getattr(r, "inv_freq", None), torch.Tensor) for r in rots):
         return None
-    same = all(type(r) is type(rots[0]) and t.dtype == invs[0].dtype and t.shape == invs[0].shape
-               and t.device == invs[0].device and torch.equal(t, invs[0])
-               and getattr(r, "position_dtype", None) == getattr(rots[0], "position_dtype", None)
-               and getattr(r, "pos_idx_in_fp32", None) == getattr(rots[0], "pos_idx_in_fp32", None)
-               for r, t in zip(rots, invs))
-    return rots[0] if same else None
+    return rots[0] if all(same_rope_state(r, rots[0]) for r in rots) else None
 
 
 def _ordered_like(fused: nn.Module, layer: nn.Module):
@@ -134,7 +134,7 @@ def patch_cogvlm(model: nn.Module, config: Optional[VisualExpertConfig] = None, 
     Raises ValueError if the model has no such layer or is itself one.
     """
     from ...block import VisualExpertBlock
-    from ...layer_context import PlanCache
+    from ...layer_context import PlanCache, RopeCache
     from .cogagent import CogAgentExpertBlock
 
     from ...validation import check_patch_args
@@ -152,6 +152,7 @@ def patch_cogvlm(model: nn.Module, config: Optional[VisualExpertConfig] = None, 
                          "model")
     report = PatchReport()
     cache = PlanCache()  # one RoutingPlan per model forward, shared by all patched layers
+    rope = RopeCache()   # one RoPE table per model forward, shared by all patched layers
     shared_rope = _shared_rotary([layer for _, layer in targets])
     for name, layer in targets:
         cfg = config or config_from_hf_layer(layer)
@@ -161,11 +162,10 @@ def patch_cogvlm(model: nn.Module, config: Optional[VisualExpertConfig] = None, 
         fused = cls.from_hf_layer(layer, cfg, backend=backend, attention_backend=attention_backend)
         _ordered_like(fused, layer)
         fused.plan_cache = cache
+        fused.rope_cache = rope
         fused.hf_decoder_mask = True
         fused.rope_positions = rope_positions
         fused._z3_leaf = True  # DeepSpeed ZeRO-3: gather the whole layer in its own forward/backward
-        if shared_rope is not None:
-            fused.share_rope_with(shared_rope)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, fused)
