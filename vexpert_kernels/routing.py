@@ -137,7 +137,7 @@ class RoutingPlan:
             cu_seqlens: optional int [S+1] for *packed* input: ``token_type_ids`` is [1, total] (or [total]) holding
                 S sequences back to back; the expert rule and position ids then restart at each sequence.
         No host synchronisation happens here (on CUDA, invalid token types trip a device-side assert).
-        Raises TypeError/ValueError (validation.py) for non-integer or non-0/1 token types, a keep mask of another
+        Raises TypeError/ValueError (vexpert_kernels.validation) for non-integer or non-0/1 token types, a keep mask of another
         shape or device, and ``cu_seqlens`` that are not 1-D integer, do not start at 0, decrease, or do not end at
         ``total`` (values checked on the host for CPU tensors; for CUDA ``cu_seqlens`` only under
         ``VEXPERT_DEBUG=1``).
