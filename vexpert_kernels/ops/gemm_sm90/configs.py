@@ -73,6 +73,15 @@ SM90_SWIGLU_CONFIGS = [
     SM90Config(64, 128, 64, 8, 3),
 ]
 
+# Down projection's dX with the SwiGLU backward epilogue (dh tile -> [dgate | dup]): one accumulator, but each
+# epilogue subtile adds two TMA loads (g, u) and two TMA stores. Provenance: see the compile report numbers in
+# aot.py's sass_check_specs comment (registers / spills, Triton 3.6 and 3.9).
+SM90_DSWIGLU_CONFIGS = [
+    SM90Config(128, 128, 64, 8, 4, epi_split=2),
+    SM90Config(128, 256, 64, 8, 3, epi_split=2),
+    SM90Config(64, 128, 64, 4, 4),                  # small T
+]
+
 # Interpreter (CPU) configs: tiny tiles so tests run in seconds, and so that T, N, K and the expert boundary are
 # not multiples of the tile. Same kernels and code paths (epi_split 1 and 2, both B layouts).
 INTERP_CONFIGS = [
