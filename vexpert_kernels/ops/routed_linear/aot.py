@@ -37,8 +37,7 @@ _QKV_EXTRA_HD = (  # (bf16 only: the 16-bit kernels differ only in the MMA dtype
 )
 _DUAL_VARIANTS = (("swiglu", EPI_SWIGLU, False, False, False, 0), ("swiglu_bwd", EPI_SWIGLU_BWD, False, False, False, 0),
                   ("swiglu_save", EPI_SWIGLU, False, False, False, 0))   # SAVE_GU: + gate|up stores (default path)
-# the down projection's dX with the SwiGLU backward epilogue (transposed weight view): its own table row, and the
-# "small" row the dispatcher uses for T <= 1024
+# the down projection's dX with the SwiGLU backward epilogue (transposed weight view): its own table rows
 _DSWIGLU_VARIANT = ("dswiglu", EPI_DSWIGLU, False, False, False, 0, "nn")
 _FLAGS = {"swiglu_save": {"SAVE_GU": True}, "dx_swiglu": {"SPLIT_K": True}}  # extra constexprs per variant name
 
@@ -83,14 +82,12 @@ def aot_compile_specs():
                                                                   else _LINEAR_VARIANTS)
                 if key == "large":  # dispatcher: plain forward only (see _gemm_config)
                     variants = tuple(v for v in variants if not v[4])
-                if key == "dswiglu":
+                if key.startswith("dswiglu"):
                     variants = (_DSWIGLU_VARIANT,)
                 elif not dual and key != "large":  # dX = dY W_e: the transposed weight view (stride_wn == 1)
                     variants = variants + (("dx", EPI_LINEAR, False, False, False, 0, "nn"),
                                            ("dx_residual", EPI_LINEAR, False, False, True, 0, "nn"),
                                            ("dx_swiglu", EPI_LINEAR, False, False, False, 0, "nn"))
-                    if key == "small":
-                        variants = variants + (_DSWIGLU_VARIANT,)
                 for vname, epi, hbv, hbl, hres, hd, *layout in variants:
                     bn = _qkv_block_n(hd, BN) if epi == EPI_QKV_ROPE else BN  # what _launch_gemm passes
                     cfg = dict(EPILOGUE=epi, HAS_BIAS_V=hbv, HAS_BIAS_L=hbl, HAS_RESIDUAL=hres, HEAD_DIM=hd,

@@ -133,7 +133,7 @@ _TABLE_KEYS = {  # which rows of the config table are worth timing per op (2-4 p
     "routed_swiglu": ("dual", "dual_small"),
     "routed_qkv_rope": ("qkv",),
     "routed_linear_dx": ("medium", "small"),
-    "routed_swiglu_mlp_dx": ("dswiglu", "small"),    # dX + SwiGLU backward epilogue (transposed weights)
+    "routed_swiglu_mlp_dx": ("dswiglu", "dswiglu_small"),  # dX + SwiGLU backward epilogue (transposed weights)
 }
 
 
