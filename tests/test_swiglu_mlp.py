@@ -210,6 +210,24 @@ def test_auto_tunes_fused_dx_step(fake_select, pick):
         assert rel_err(g, r) < TOL[dt]
 
 
+@needs_triton
+@pytest.mark.skipif(HAS_CUDA, reason="CPU dispatch rule")
+def test_auto_on_cpu_runs_triton_through_the_interpreter():
+    plan = split_plan(1, 9, 4)
+    y = routed_swiglu_mlp(_randn(9, 16), *_weights(16, 8, 16, torch.float32), plan)
+    assert RL.last_backend("routed_swiglu_mlp") == "triton" and y.shape == (9, 16)
+
+
+@needs_sm90
+def test_sm90_candidates_offered_for_dx_ops():
+    """The sm_90 launcher's dX candidates are checked on the dy [T, N] @ W [N, K] orientation (N != K here)."""
+    tun = importlib.import_module("vexpert_kernels.ops.routed_linear.tuning")
+    ln = next(ln for ln in tun._extra_candidates if ln.prefix == "sm90")
+    dy, w = _randn(5, 16).bfloat16(), _randn(16, 40).bfloat16()
+    assert ln.configs("routed_linear_dx", dy, w) and ln.configs("routed_swiglu_mlp_dx", dy, w)
+    assert not ln.configs("routed_swiglu_mlp_dx", dy, _randn(16, 36).bfloat16())  # 36 * 2 B: no TMA alignment
+
+
 # ---------------------------------------------------------------------------------------------- errors, compile
 def test_bad_inputs():
     plan = split_plan(1, 5, 2)
