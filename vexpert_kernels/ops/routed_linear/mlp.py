@@ -24,8 +24,8 @@ from typing import Optional
 import torch
 
 from ..._triton_compat import triton_usable_for
-from .custom_ops import _linear_bwd_impl, _linear_fwd_impl, _none_to_empty, _swiglu_bwd_impl, _swiglu_dgu_bwd, \
-    _swiglu_fwd_impl
+from .custom_ops import (_linear_bwd_impl, _linear_fwd_impl, _none_to_empty, _swiglu_bwd_impl, _swiglu_dgu_bwd,
+                         _swiglu_fwd_impl)
 from .kernels import EPI_DSWIGLU
 from .launch import _launch_gemm, _out
 from .torch_impl import _torch_dswiglu
