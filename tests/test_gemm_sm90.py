@@ -244,7 +244,8 @@ def test_sass_every_gpu_config_has_wgmma_tma_and_no_spill(sass_rows):
     from vexpert_kernels.ops.gemm_sm90.aot import sass_check_specs
     assert [r["name"] for r in sass_rows] == [s.name for s in sass_check_specs()]
     covered = {r["name"].split(",")[-1].rstrip("]") for r in sass_rows}
-    assert covered == {c.name for c in SM90_CONFIGS + SM90_WGRAD_CONFIGS + SM90_SWIGLU_CONFIGS}
+    from vexpert_kernels.ops.gemm_sm90.configs import SM90_DSWIGLU_CONFIGS
+    assert covered == {c.name for c in SM90_CONFIGS + SM90_WGRAD_CONFIGS + SM90_SWIGLU_CONFIGS + SM90_DSWIGLU_CONFIGS}
     for r in sass_rows:
         assert "error" not in r, r
         assert r["HGMMA"] > 0, f"{r['name']}: no wgmma (HGMMA) in the SASS"

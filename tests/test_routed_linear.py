@@ -407,7 +407,7 @@ def test_aot_specs_cover_dispatch():
                         and s.constexprs["BLOCK_M"] == BM and s.constexprs["BLOCK_K"] == BK and s.num_warps == nw]
                 assert hits, (cc, dt_key, key)
     epis = {s.constexprs.get("EPILOGUE") for s in specs if s.fn is RL_K._routed_gemm_kernel}
-    assert epis == {RL_K.EPI_LINEAR, RL_K.EPI_SWIGLU, RL_K.EPI_SWIGLU_BWD, RL_K.EPI_QKV_ROPE}
+    assert epis == {RL_K.EPI_LINEAR, RL_K.EPI_SWIGLU, RL_K.EPI_SWIGLU_BWD, RL_K.EPI_QKV_ROPE, RL_K.EPI_DSWIGLU}
     # the QKV spec carries the BLOCK_N the launcher really passes (half-head chunk), not the table's maximum
     for s in specs:
         if s.fn is RL_K._routed_gemm_kernel and s.constexprs["EPILOGUE"] == RL_K.EPI_QKV_ROPE:

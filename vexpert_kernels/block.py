@@ -6,7 +6,8 @@ Data flow of one layer (hidden states in routed order ``[T, D]``, see RoutingPla
     q, k, v = routed_qkv_rope(h)                       grouped GEMM; epilogue: bias, RoPE, store in [B, heads, L, hd]
     o = mixed_attention(q, k, v)                       sequence order; causal or bidirectional images; padding
     x = x + routed_linear(permute(o))                  grouped GEMM; epilogue: residual
-    x = x + routed_linear(routed_swiglu(rmsnorm(x)))   grouped GEMMs; epilogues: silu(g)*u, residual
+    x = routed_swiglu_mlp(rmsnorm(x), residual=x)      grouped GEMMs; epilogues: silu(g)*u, residual; backward:
+                                                       SwiGLU bwd in the down dX epilogue
 
 Parameters live in the same submodules as HF (``self_attn.vision_expert_query_key_value`` ...), so state dicts are
 HF-compatible both ways and ``patch_cogvlm`` can share an HF layer's modules without copying. Projections that are not
@@ -284,7 +285,7 @@ class VisualExpertBlock(nn.Module):
 
     def _mlp_routed(self, x, plan):
         """x + mlp(post_attention_layernorm(x)), routed order in and out."""
-        from .ops import rmsnorm, routed_linear, routed_swiglu
+        from .ops import rmsnorm, routed_swiglu_mlp
 
         cfg, mlp = self.config, self.mlp
         _, gemm_backend, norm_backend = self._backends(x)
@@ -292,9 +293,9 @@ class VisualExpertBlock(nn.Module):
         mv, ml = mlp.vision_mlp, mlp.language_mlp
         projs = [mv.gate_proj, mv.up_proj, mv.down_proj, ml.gate_proj, ml.up_proj, ml.down_proj]
         if all(_plain_linear(p) for p in projs):
-            a = routed_swiglu(h, mv.gate_proj.weight, mv.up_proj.weight, ml.gate_proj.weight, ml.up_proj.weight, plan,
-                              backend=gemm_backend)
-            x = routed_linear(a, mv.down_proj.weight, ml.down_proj.weight, plan, residual=x, backend=gemm_backend)
+            # one op: its backward runs the SwiGLU backward in the down projection's dX epilogue
+            x = routed_swiglu_mlp(h, mv.gate_proj.weight, mv.up_proj.weight, mv.down_proj.weight, ml.gate_proj.weight,
+                                  ml.up_proj.weight, ml.down_proj.weight, plan, residual=x, backend=gemm_backend)
         else:
             x = _routed_modules(h, mv, ml, plan, residual=x)
         return x

@@ -5,6 +5,8 @@ Ops (names in records: ``op:<name>``), all at one case's token mix (routed order
                                        ``slices_into`` (2 GEMMs into views of one output) | ``dense_gemm`` (one GEMM of
                                        the same total M: the ceiling)
   swiglu                               ``ops.routed_swiglu`` | ``slices`` | ``dense_gemm`` (one [2I, K] GEMM + silu*mul)
+  mlp (fwd+bwd)                        ``ops.routed_swiglu_mlp`` (SwiGLU backward fused into the down dX epilogue) |
+                                       ``two_ops`` (routed_swiglu + routed_linear, dh through memory) | ``slices``
   attention (fwd, fwd+bwd)             ``ops.mixed_attention`` per attention backend | ``sdpa`` (causal, flash on GPU)
   rmsnorm                              ``ops.rmsnorm`` per backend | ``torch`` (eager HF RMSNorm) | ``copy`` (same bytes)
   permute                              ``plan.permute`` | ``copy`` (a clone of the same bytes)
@@ -33,7 +35,7 @@ from .shapes import Case, token_type_ids
 from .timing import rotating
 
 GEMM_BACKENDS_GPU = ("triton", "torch", "grouped_mm")
-OPS = ("linear_qkv", "linear_o", "linear_down", "swiglu", "attention", "rmsnorm", "permute")
+OPS = ("linear_qkv", "linear_o", "linear_down", "swiglu", "mlp", "attention", "rmsnorm", "permute")
 _NOT_CHECKED = "recorded, not checked: computes a different function by design (a ceiling)"
 _ATTN_REF_BYTES = 2 ** 29  # fp64 score matrix per chunk of the attention reference (the math path keeps ~4)
 
@@ -182,6 +184,37 @@ def op_records(case: Case, device, dtype, *, rep_ms=100, warmup_ms=25, only: Opt
                   Provider("dense_gemm", lambda: _dense_swiglu(xs()[0], w_gu, I))]
         run("swiglu", on_set0(provs, xs), ref, flops=linear_flops(T, 2 * I, D))
         del xs, gv, uv, gl, ul, w_gu, ref
+
+    # ---------------------------------------------------------------- SwiGLU MLP, forward + backward
+    if "mlp" in only:
+        x = rnd(T, D).requires_grad_()
+        ws = [rnd(*s, scale=s[1] ** -0.5).requires_grad_() for s in ((I, D), (I, D), (D, I)) * 2]
+        res = rnd(T, D).requires_grad_()
+        do = rnd(T, D)
+        ref = None
+        if ops is not None:
+            from ..ops.routed_linear import routed_swiglu_mlp_reference
+            ref = routed_swiglu_mlp_reference(x.detach().double(), *(w.detach().double() for w in ws), plan,
+                                              residual=res.detach().double())
+        gv, uv, dv, gl, ul, dl = ws
+
+        def mlp_prov(name, f, be=None):
+            if ops is None and be is not None:
+                return op_prov(name, None, be)
+            return _attn_provider(name, f, "fwd+bwd", [x, res] + ws, do, be)
+        provs = []
+        for be in [b for b in _gemm_backends(device) if b != "grouped_mm"] + (["auto"] if device.type == "cuda"
+                                                                              else []):
+            provs.append(mlp_prov(f"vexpert[{be}]", (lambda be=be: (
+                lambda: ops.routed_swiglu_mlp(x, *ws, plan, residual=res, backend=be)))(), be))
+            provs.append(mlp_prov(f"two_ops[{be}]", (lambda be=be: (
+                lambda: ops.routed_linear(ops.routed_swiglu(x, gv, uv, gl, ul, plan, backend=be), dv, dl, plan,
+                                          residual=res, backend=be)))(), be))
+        provs.append(mlp_prov("slices", lambda: res + bl.slices_gemm(bl.slices_swiglu(x, gv, uv, gl, ul, nv), dv,
+                                                                     dl, nv)))
+        # forward + backward: 3x the forward GEMM FLOPs (gate+up and down)
+        run("mlp", provs, ref, flops=3 * (linear_flops(T, 2 * I, D) + linear_flops(T, D, I)), mode="fwd+bwd")
+        del x, ws, res, do, ref, provs
 
     # ---------------------------------------------------------------- attention
     if "attention" in only:

@@ -9,6 +9,7 @@ from vexpert_kernels.ops.routed_linear import (  # noqa: E402,F401
     routed_linear,
     routed_qkv_rope,
     routed_swiglu,
+    routed_swiglu_mlp,
 )
 from vexpert_kernels.ops.rmsnorm import (  # noqa: E402,F401
     rmsnorm,

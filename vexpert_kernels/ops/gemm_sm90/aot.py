@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..._triton_compat import HAS_TRITON
 from .configs import SM90_CONFIGS, SM90_SWIGLU_CONFIGS, SM90_WGRAD_CONFIGS, SM90Config
+from .configs import SM90_DSWIGLU_CONFIGS
 
 # (variant name, B_KMAJOR, HAS_BIAS_V, HAS_BIAS_L, HAS_RESIDUAL). Biases are per-pass constexprs, so "bias" (both
 # experts) compiles the same per-pass code as the one-expert variants.
@@ -84,6 +85,26 @@ def swiglu_spec(cfg: SM90Config, dt: str = "bf16"):
                                                                        "stride_gm"]})
 
 
+def dswiglu_signature(dt: str) -> dict:
+    p = "*" + dt
+    sig = {"dy_ptr": p, "wv_ptr": p, "wl_ptr": p, "gu_ptr": p, "dgu_ptr": p, "offsets_ptr": "*i32", "I": "i32",
+           "D": "i32", "stride_dym": "i32", "stride_gm": "i32", "stride_om": "i32", "NUM_PROGS": "i32"}
+    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "EPI_SPLIT", "FLATTEN", "WARP_SPEC", "UPCAST_DOT"):
+        sig[name] = "constexpr"
+    return sig
+
+
+def dswiglu_spec(cfg: SM90Config, dt: str = "bf16"):
+    """The down projection's dX with the SwiGLU backward epilogue (grouped_dx_dswiglu_sm90)."""
+    from ..._aot import CompileSpec
+    from .kernels import _grouped_dx_dswiglu_sm90_kernel
+    return CompileSpec(name=f"dx_dswiglu_sm90[{dt},{cfg.name}]", fn=_grouped_dx_dswiglu_sm90_kernel,
+                       signature=dswiglu_signature(dt), constexprs=_tile_constexprs(cfg), num_warps=cfg.num_warps,
+                       num_stages=cfg.num_stages, targets=(90,), expects_tma=True,
+                       extra={"config": cfg.name, "divisible_by_16": ["I", "D", "stride_dym", "stride_gm",
+                                                                       "stride_om"]})
+
+
 def aot_compile_specs():
     """bf16: every config x every variant; fp16: the plain forward and dX per config (fp16 differs from bf16 only
     in the wgmma operand type)."""
@@ -100,6 +121,8 @@ def aot_compile_specs():
             specs.append(wgrad_spec(cfg, dt))
     for cfg in SM90_SWIGLU_CONFIGS:
         specs.append(swiglu_spec(cfg, "bf16"))
+    for cfg in SM90_DSWIGLU_CONFIGS:
+        specs.append(dswiglu_spec(cfg, "bf16"))
     return specs
 
 
@@ -154,6 +177,8 @@ def sass_check_specs():
         specs.append(wgrad_spec(cfg, "bf16"))
     for cfg in SM90_SWIGLU_CONFIGS:
         specs.append(swiglu_spec(cfg, "bf16"))
+    for cfg in SM90_DSWIGLU_CONFIGS:
+        specs.append(dswiglu_spec(cfg, "bf16"))
     return specs
 
 

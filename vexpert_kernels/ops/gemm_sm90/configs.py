@@ -95,6 +95,17 @@ SM90_SWIGLU_CONFIGS = [
     SM90Config(64, 128, 64, 8, 3),
 ] + _ws_configs(SM90Config(128, 64, 64, 4, 3, warp_specialize=True, flatten=False))    # 209 KiB smem
 
+# Down projection's dX with the SwiGLU backward epilogue (dh tile -> [dgate | dup]): one accumulator, but each
+# epilogue subtile adds two TMA loads (g, u) and two TMA stores, so the tiles are smaller than the plain dX ones.
+# SASS (sm_90a, bf16), registers under Triton 3.6 / 3.9: 128x256 w8 s3 sub2 spilled (255 regs + 16 B / 8 B stack),
+# 256x128 w8 s3 sub2 and 128x128 w4 s4 sub2 spilled 128-144 B (3.9), 64x128 w4 s4 without subtiling 16 B (3.9):
+# all dropped. The kept ones: HGMMA, TMA loads and stores, no local memory under both.
+SM90_DSWIGLU_CONFIGS = [
+    SM90Config(128, 128, 64, 8, 4, epi_split=2),    # 176 / 175 regs, 160 KiB smem
+    SM90Config(64, 256, 64, 8, 3, epi_split=2),     # wide I tiles, fewer dY re-reads; 242 / 252 regs, 168 KiB smem
+    SM90Config(64, 128, 64, 4, 4, epi_split=2),     # small T; 168 / 168 regs, 112 KiB smem
+]
+
 # Interpreter (CPU) configs: tiny tiles so tests run in seconds, and so that T, N, K and the expert boundary are
 # not multiples of the tile. Same kernels and code paths (epi_split 1 and 2, both B layouts).
 INTERP_CONFIGS = [

@@ -50,14 +50,39 @@ if HAS_TRITON:
             y_desc.store([off_m, off_n], acc.to(y_desc.dtype))
 
     @triton.jit
+    def _dswiglu_subtile(dh, g_desc, u_desc, dg_desc, du_desc, off_m, off_n):
+        """SwiGLU backward of one [BLOCK_M, SUB_N] subtile: dh (fp32, from the accumulator) and the saved g, u
+        (TMA loads) -> dgate = dh*u*silu'(g), dup = dh*silu(g) (TMA stores; clipped at the expert's rows and I)."""
+        g = g_desc.load([off_m, off_n]).to(tl.float32)
+        u = u_desc.load([off_m, off_n]).to(tl.float32)
+        sig = tl.sigmoid(g)
+        dg_desc.store([off_m, off_n], (dh * u * sig * (1.0 + g * (1.0 - sig))).to(dg_desc.dtype))
+        du_desc.store([off_m, off_n], (dh * g * sig).to(du_desc.dtype))
+
+    @triton.jit
+    def _dswiglu_tile(acc, g_desc, u_desc, dg_desc, du_desc, off_m, off_n,
+                      EPI_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        if EPI_SPLIT == 2:
+            a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            _dswiglu_subtile(a0, g_desc, u_desc, dg_desc, du_desc, off_m, off_n)
+            _dswiglu_subtile(a1, g_desc, u_desc, dg_desc, du_desc, off_m, off_n + BLOCK_N // 2)
+        else:
+            _dswiglu_subtile(acc, g_desc, u_desc, dg_desc, du_desc, off_m, off_n)
+
+    @triton.jit
     def _gemm_pass(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr,
                    rows, start, C, R, stride_xm, stride_rm, stride_ym, NUM_PROGS,
                    B_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                    EPI_SPLIT: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr,
-                   UPCAST_DOT: tl.constexpr):
+                   UPCAST_DOT: tl.constexpr, DSWIGLU: tl.constexpr):
         """All tiles of one expert: y[i, :] = x[i, :] @ B (+ bias) (+ residual), i < rows; x_ptr, res_ptr and
-        y_ptr point at the expert's first row."""
+        y_ptr point at the expert's first row.
+
+        DSWIGLU (dX of the down projection, B_KMAJOR=False, no bias/residual): the tile is dh; res_ptr is the saved
+        gu = [g | u] ([rows, 2C], row stride stride_rm) and y_ptr receives [dgate | dup] ([rows, 2C], stride_ym).
+        g / u / dgate / dup each get a descriptor of width C (based at column 0 or C), so a partial column tile is
+        clipped at C and never reads or writes the other half."""
         x_desc = tl.make_tensor_descriptor(x_ptr, shape=[rows, R], strides=[stride_xm, 1],
                                            block_shape=[BLOCK_M, BLOCK_K])
         if B_KMAJOR:  # forward: B = W^T, W stored [C, R] (nn.Linear layout)
@@ -70,6 +95,16 @@ if HAS_TRITON:
         if HAS_RESIDUAL:
             res_desc = tl.make_tensor_descriptor(res_ptr, shape=[rows, C],
                                                  strides=[stride_rm, 1], block_shape=[BLOCK_M, BLOCK_N // EPI_SPLIT])
+        g_desc = y_desc
+        u_desc = y_desc
+        du_desc = y_desc
+        if DSWIGLU:
+            g_desc = tl.make_tensor_descriptor(res_ptr, shape=[rows, C], strides=[stride_rm, 1],
+                                               block_shape=[BLOCK_M, BLOCK_N // EPI_SPLIT])
+            u_desc = tl.make_tensor_descriptor(res_ptr + C, shape=[rows, C], strides=[stride_rm, 1],
+                                               block_shape=[BLOCK_M, BLOCK_N // EPI_SPLIT])
+            du_desc = tl.make_tensor_descriptor(y_ptr + C, shape=[rows, C], strides=[stride_ym, 1],
+                                                block_shape=[BLOCK_M, BLOCK_N // EPI_SPLIT])
         tiles_m = tl.cdiv(rows, BLOCK_M)
         tiles_n = tl.cdiv(C, BLOCK_N)
         tiles = tiles_m * tiles_n
@@ -97,10 +132,13 @@ if HAS_TRITON:
             pid_m, pid_n = _grouped_tile(tile_c, tiles_m, tiles_n, GROUP_M)
             off_m = pid_m * BLOCK_M
             off_n = pid_n * BLOCK_N
-            if HAS_BIAS:
-                cols = off_n + tl.arange(0, BLOCK_N)
-                acc += tl.load(b_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
-            _store_tile(acc, y_desc, res_desc, off_m, off_n, HAS_RESIDUAL, EPI_SPLIT, BLOCK_M, BLOCK_N)
+            if DSWIGLU:
+                _dswiglu_tile(acc, g_desc, u_desc, y_desc, du_desc, off_m, off_n, EPI_SPLIT, BLOCK_M, BLOCK_N)
+            else:
+                if HAS_BIAS:
+                    cols = off_n + tl.arange(0, BLOCK_N)
+                    acc += tl.load(b_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
+                _store_tile(acc, y_desc, res_desc, off_m, off_n, HAS_RESIDUAL, EPI_SPLIT, BLOCK_M, BLOCK_N)
 
     @triton.jit
     def _grouped_gemm_sm90_kernel(
@@ -119,12 +157,35 @@ if HAS_TRITON:
         tiles_v = tl.cdiv(n_v, BLOCK_M) * tiles_n
         _gemm_pass(x_ptr, wv_ptr, bv_ptr, res_ptr, y_ptr, n_v, pid, C, R, stride_xm, stride_rm, stride_ym,
                    NUM_PROGS, B_KMAJOR, HAS_BIAS_V, HAS_RESIDUAL, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EPI_SPLIT,
-                   FLATTEN, WARP_SPEC, UPCAST_DOT)
+                   FLATTEN, WARP_SPEC, UPCAST_DOT, False)
         r0 = n_v.to(tl.int64)  # language rows start here (64-bit: T * K may pass 2**31)
         _gemm_pass(x_ptr + r0 * stride_xm, wl_ptr, bl_ptr, res_ptr + r0 * stride_rm, y_ptr + r0 * stride_ym,
                    n_t - n_v, _pass_start(pid, tiles_v, NUM_PROGS),
                    C, R, stride_xm, stride_rm, stride_ym, NUM_PROGS, B_KMAJOR, HAS_BIAS_L, HAS_RESIDUAL,
-                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EPI_SPLIT, FLATTEN, WARP_SPEC, UPCAST_DOT)
+                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EPI_SPLIT, FLATTEN, WARP_SPEC, UPCAST_DOT, False)
+
+    @triton.jit
+    def _grouped_dx_dswiglu_sm90_kernel(
+        dy_ptr, wv_ptr, wl_ptr, gu_ptr, dgu_ptr, offsets_ptr,
+        I, D, stride_dym, stride_gm, stride_om, NUM_PROGS,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        EPI_SPLIT: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    ):
+        """Down projection's dX with the SwiGLU backward epilogue: dh = dy_e W_down_e (W_down_e [D, I], the tile
+        stays in registers), dgu[T, 2I] = [dh*u*silu'(g) | dh*silu(g)] from gu[T, 2I] = [g | u]. Vision pass,
+        then language."""
+        pid = tl.program_id(0)
+        n_v = tl.load(offsets_ptr + 1)
+        n_t = tl.load(offsets_ptr + 2)
+        tiles_v = tl.cdiv(n_v, BLOCK_M) * tl.cdiv(I, BLOCK_N)
+        _gemm_pass(dy_ptr, wv_ptr, dgu_ptr, gu_ptr, dgu_ptr, n_v, pid, I, D, stride_dym, stride_gm, stride_om,
+                   NUM_PROGS, False, False, False, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EPI_SPLIT, FLATTEN, WARP_SPEC,
+                   UPCAST_DOT, True)
+        r0 = n_v.to(tl.int64)
+        _gemm_pass(dy_ptr + r0 * stride_dym, wl_ptr, dgu_ptr, gu_ptr + r0 * stride_gm, dgu_ptr + r0 * stride_om,
+                   n_t - n_v, _pass_start(pid, tiles_v, NUM_PROGS), I, D, stride_dym, stride_gm, stride_om,
+                   NUM_PROGS, False, False, False, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EPI_SPLIT, FLATTEN, WARP_SPEC,
+                   UPCAST_DOT, True)
 
     @triton.jit
     def _wgrad_pass(dy_ptr, x_ptr, dw_ptr, rows, start, N, K, stride_dym, stride_xm, NUM_PROGS,

@@ -9,6 +9,8 @@ language):
 * ``grouped_wgrad_sm90(dy [T,N], x [T,K], offsets)`` -> ``(dwv [N,K], dwl [N,K])`` = ``dy_e^T x_e``
 * ``grouped_swiglu_sm90(x [T,K], gv [I,K], uv [I,K], gl, ul, offsets)`` -> ``(h [T,I], gu [T,2I])``:
   ``g = x_e Wg_e^T``, ``u = x_e Wu_e^T``, ``h = silu(g) * u``, ``gu = [g | u]`` (saved for the backward)
+* ``grouped_dx_dswiglu_sm90(dy [T,D], wv [D,I], wl [D,I], gu [T,2I], offsets)`` -> ``dgu [T,2I]``: the down
+  projection's dX ``dh = dy_e W_e`` (never stored) turned into ``[dh*u*silu'(g) | dh*silu(g)]`` in the epilogue
 
 fp32 accumulation, outputs in the input dtype. ``config`` is an :class:`SM90Config` (default: a size heuristic;
 the autotuner passes each of ``SM90_CONFIGS``). ``out=`` (optional) is written in place and returned (tests pass
@@ -24,10 +26,13 @@ from ..._triton_compat import HAS_TRITON, interpret_mode, triton
 from ...validation import check_tensor, debug_checks_enabled
 from .configs import (INTERP_CONFIGS, INTERP_NUM_PROGRAMS, INTERP_WGRAD_CONFIGS, SM90_CONFIGS, SM90_SWIGLU_CONFIGS,
                       SM90_WGRAD_CONFIGS, SM90Config, gemm_reason)
+from .configs import SM90_DSWIGLU_CONFIGS
 if HAS_TRITON:
     from .kernels import _grouped_gemm_sm90_kernel, _grouped_swiglu_sm90_kernel, _grouped_wgrad_sm90_kernel
+    from .kernels import _grouped_dx_dswiglu_sm90_kernel
 
-__all__ = ["grouped_gemm_sm90", "grouped_gemm_dx_sm90", "grouped_wgrad_sm90", "grouped_swiglu_sm90"]
+__all__ = ["grouped_gemm_sm90", "grouped_gemm_dx_sm90", "grouped_wgrad_sm90", "grouped_swiglu_sm90",
+           "grouped_dx_dswiglu_sm90"]
 
 
 class _Scratch:
@@ -219,3 +224,32 @@ def grouped_swiglu_sm90(x, gv, uv, gl, ul, offsets, config: Optional[SM90Config]
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return h, gu
+
+
+def grouped_dx_dswiglu_sm90(dy, wv, wl, gu, offsets, config: Optional[SM90Config] = None, out=None):
+    """dgu [T, 2I] = [dh*u*silu'(g) | dh*silu(g)] with dh = dy_e @ W_e (the down projection's dX; the dh tile stays
+    in registers) and g, u from the saved gu = [g | u] [T, 2I]. dy [T, D]; wv/wl [D, I] (HF down_proj weights).
+    fp32 accumulation and epilogue math, output in dy.dtype."""
+    _check_common("dy", dy, wv, wl, offsets)
+    if dy.shape[1] != wv.shape[0]:
+        raise ValueError(f"dy [T, D] and wv [D, I] disagree on D: {tuple(dy.shape)} vs {tuple(wv.shape)}")
+    T, (D, I) = dy.shape[0], wv.shape
+    check_tensor("gu", gu, shape=(T, 2 * I), dtypes=(dy.dtype,), device=dy.device)
+    _require(dy, D, I)
+    dgu = _new_out(dy, (T, 2 * I), out, "out")
+    if T == 0:
+        return dgu
+    cfg = config or (INTERP_CONFIGS[0] if dy.device.type != "cuda" else
+                     SM90_DSWIGLU_CONFIGS[2] if T <= 2048 else SM90_DSWIGLU_CONFIGS[0])
+    dy, gu = _row_major(dy), _row_major(gu)
+    wv, wl = wv.contiguous(), wl.contiguous()
+    max_tiles = (triton.cdiv(T, cfg.block_m) + 1) * triton.cdiv(I, cfg.block_n)
+    grid = max(1, min(_num_programs(dy.device), max_tiles))
+    _set_scratch(dy.device)
+    _grouped_dx_dswiglu_sm90_kernel[(grid,)](
+        dy, wv, wl, gu, dgu, offsets, I, D, dy.stride(0), gu.stride(0), dgu.stride(0), grid,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        EPI_SPLIT=cfg.epi_split, FLATTEN=cfg.flatten, WARP_SPEC=cfg.warp_specialize, UPCAST_DOT=interpret_mode(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dgu

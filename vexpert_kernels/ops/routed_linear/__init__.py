@@ -8,6 +8,8 @@ Public functions (shapes; weights in HF ``nn.Linear`` layout ``[N, K]``, one ten
 * ``routed_linear(x [T,K], w_v [N,K], w_l [N,K], plan, bias_vision=None, bias_language=None, residual=None)``
   -> ``[T, N]`` = ``residual + x W_e^T + b_e`` per expert.
 * ``routed_swiglu(x [T,K], gate_v [I,K], up_v [I,K], gate_l, up_l, plan)`` -> ``[T, I]`` = ``silu(x Wg^T) * (x Wu^T)``.
+* ``routed_swiglu_mlp(x [T,K], gate_v, up_v, down_v [D,I], gate_l, up_l, down_l, plan, residual=None)`` -> ``[T, D]``
+  = ``residual + down(swiglu(x))``; its backward fuses the SwiGLU backward into the down projection's dX epilogue.
 * ``routed_qkv_rope(x [T,D], w_v [(H+2KV)hd, D], w_l, plan, num_heads=H, num_kv_heads=KV, rope_theta=...)``
   -> ``q [B,H,L,hd], k [B,KV,L,hd], v [B,KV,L,hd]`` in sequence order, RoPE (GPT-NeoX half rotation) applied to q, k.
 
@@ -47,16 +49,20 @@ from __future__ import annotations
 #   torch_impl.py  torch backend (two GEMMs on row slices), _swiglu_grads, torch._grouped_mm baseline
 #   rope.py        _rope_inv_freq, _rope_cos_sin, _rope_rows, _qkv_routed_to_heads, _qkv_heads_to_routed
 #   custom_ops.py  _*_impl bodies, the six vexpert:: ops, fakes, autograd
+#   mlp.py         the fused SwiGLU MLP op (vexpert::routed_swiglu_mlp + backward), its EPI_DSWIGLU dX step
 #   tuning.py      backend="auto" on CUDA: candidates + keys for autotune.select, backend names, _extra_candidates
 #   api.py         select_backend, last_backend, argument checks, routed_linear / routed_swiglu / routed_qkv_rope
 #   reference.py   float64 oracles *_reference
 #   aot.py         aot_compile_specs (defined only there: compile_report walks every module)
 from .api import BACKENDS, ENV_BACKEND, last_backend, routed_linear, routed_qkv_rope, routed_swiglu, select_backend  # noqa: F401
+from .api import routed_swiglu_mlp  # noqa: F401
 from .reference import (  # noqa: F401
     routed_linear_reference,
     routed_qkv_rope_reference,
+    routed_swiglu_mlp_reference,
     routed_swiglu_reference,
 )
 
-__all__ = ["routed_linear", "routed_swiglu", "routed_qkv_rope", "select_backend", "last_backend", "BACKENDS",
-           "routed_linear_reference", "routed_swiglu_reference", "routed_qkv_rope_reference"]
+__all__ = ["routed_linear", "routed_swiglu", "routed_qkv_rope", "routed_swiglu_mlp", "select_backend", "last_backend",
+           "BACKENDS", "routed_linear_reference", "routed_swiglu_reference", "routed_qkv_rope_reference",
+           "routed_swiglu_mlp_reference"]

@@ -10,7 +10,7 @@ import torch
 from ..._triton_compat import HAS_TRITON
 from .configs import _GEMM_CONFIGS, _WGRAD_CONFIGS, _qkv_block_n
 from .launch import _ELEMENTWISE_BLOCK, _QKV_GATHER_BLOCK_M
-from .kernels import EPI_LINEAR, EPI_QKV_ROPE, EPI_SWIGLU, EPI_SWIGLU_BWD
+from .kernels import EPI_DSWIGLU, EPI_LINEAR, EPI_QKV_ROPE, EPI_SWIGLU, EPI_SWIGLU_BWD
 
 if HAS_TRITON:
     from .kernels import (_qkv_bwd_gather_kernel, _routed_gemm_kernel, _routed_wgrad_kernel,
@@ -37,6 +37,8 @@ _QKV_EXTRA_HD = (  # (bf16 only: the 16-bit kernels differ only in the MMA dtype
 )
 _DUAL_VARIANTS = (("swiglu", EPI_SWIGLU, False, False, False, 0), ("swiglu_bwd", EPI_SWIGLU_BWD, False, False, False, 0),
                   ("swiglu_save", EPI_SWIGLU, False, False, False, 0))   # SAVE_GU: + gate|up stores (default path)
+# the down projection's dX with the SwiGLU backward epilogue (transposed weight view): its own table rows
+_DSWIGLU_VARIANT = ("dswiglu", EPI_DSWIGLU, False, False, False, 0, "nn")
 _FLAGS = {"swiglu_save": {"SAVE_GU": True}, "dx_swiglu": {"SPLIT_K": True}}  # extra constexprs per variant name
 
 
@@ -80,7 +82,9 @@ def aot_compile_specs():
                                                                   else _LINEAR_VARIANTS)
                 if key == "large":  # dispatcher: plain forward only (see _gemm_config)
                     variants = tuple(v for v in variants if not v[4])
-                if not dual and key != "large":  # dX = dY W_e: the transposed weight view (stride_wn == 1)
+                if key.startswith("dswiglu"):
+                    variants = (_DSWIGLU_VARIANT,)
+                elif not dual and key != "large":  # dX = dY W_e: the transposed weight view (stride_wn == 1)
                     variants = variants + (("dx", EPI_LINEAR, False, False, False, 0, "nn"),
                                            ("dx_residual", EPI_LINEAR, False, False, True, 0, "nn"),
                                            ("dx_swiglu", EPI_LINEAR, False, False, False, 0, "nn"))

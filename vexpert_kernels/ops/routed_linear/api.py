@@ -12,6 +12,7 @@ from .custom_ops import (_linear_fwd_impl, _qkv_fwd_impl, _routed_linear_op, _ro
                          _swiglu_fwd_impl)
 from .rope import _rope_cos_sin, _rope_inv_freq
 from .torch_impl import _grouped_mm_available, _grouped_mm_fwd
+from .mlp import _routed_swiglu_mlp_op
 from .tuning import TUNE_PREFIX, _extra_candidates, make_key, triton_configs
 from .tuning import select as tune_select
 
@@ -23,10 +24,11 @@ _LAST_BACKEND: dict = {}
 
 
 def last_backend(op: str = "routed_linear") -> Optional[str]:
-    """The backend name the last call of ``op`` ("routed_linear" | "routed_swiglu" | "routed_qkv_rope") ran:
+    """The backend name the last call of ``op`` ("routed_linear" | "routed_swiglu" | "routed_qkv_rope" |
+    "routed_swiglu_mlp": "<up-half backend>+<down backend>" when they differ) ran:
     "torch", "grouped_mm", "triton", "triton:<config>" or a registered launcher's "<prefix>:<config>"; a leading
     "auto/" means the forward was tuned and the backward tunes its dX / dW GEMMs. None before the first call."""
-    check_choice("op", op, ("routed_linear", "routed_swiglu", "routed_qkv_rope"))
+    check_choice("op", op, ("routed_linear", "routed_swiglu", "routed_qkv_rope", "routed_swiglu_mlp"))
     return _LAST_BACKEND.get(op)
 
 
@@ -68,7 +70,9 @@ def _candidates(names, run):
     return {n: (lambda n=n: run(n)) for n in names}
 
 
-def _tune_linear(x, wv, wl, plan, bv, bl, residual) -> str:
+def _tune_linear(x, wv, wl, plan, bv, bl, residual, run_x=None) -> str:
+    """run_x: the input is produced lazily by ``run_x()`` (x then only gives shape, dtype and device): the fused
+    MLP tunes its down projection before its SwiGLU output exists."""
     T, K = x.shape
     N = wv.shape[0]
     nv, offs = plan.num_vision, plan.expert_offsets
@@ -79,7 +83,8 @@ def _tune_linear(x, wv, wl, plan, bv, bl, residual) -> str:
         names += list(triton_configs("routed_linear_residual" if residual is not None else "routed_linear",
                                      x.device, x.dtype))
     names += [f"{ln.prefix}:{c}" for ln in _extra_candidates for c in ln.configs("routed_linear", x, wv)]
-    cands = _candidates(names, lambda n: _linear_fwd_impl(x, wv, wl, offs, nv, bv, bl, residual, n))
+    cands = _candidates(names, lambda n: _linear_fwd_impl(x if run_x is None else run_x(), wv, wl, offs, nv, bv, bl,
+                                                          residual, n))
     key = make_key(x.dtype, N, K, "residual" if residual is not None else "linear",
                    bv is not None or bl is not None, residual is not None, T)
     return tune_select("routed_linear", key, cands, cands["torch"], x.dtype)
@@ -281,3 +286,56 @@ def routed_qkv_rope(x, weight_vision, weight_language, plan, *, num_heads: int, 
     B, L = plan.batch_size, plan.seq_len
     return _routed_qkv_rope_op(x, wv, wl, plan.expert_offsets, _nv_for(be, plan), bv, bl, plan.perm, cos, sin, B, L,
                                num_heads, num_kv_heads, be)
+
+
+def routed_swiglu_mlp(x, gate_vision, up_vision, down_vision, gate_language, up_language, down_language, plan, *,
+                      residual=None, recompute: bool = False, backend: str = "auto"):
+    """The routed SwiGLU MLP in one op: ``residual + down_e(silu(x Wg_e^T) * (x Wu_e^T))``.
+
+    Same result as ``routed_linear(routed_swiglu(x, ...), down_vision, down_language, plan, residual=residual)``;
+    the difference is the backward: the SwiGLU backward runs in the epilogue of the down projection's dX GEMM
+    (it writes [dgate | dup] straight from the dh tile, so dh [T, I] never goes to memory), then ONE dX GEMM over
+    K = 2I and the weight gradients follow.
+
+    Args:
+        x: [T, K] rows in routed order, float32/float16/bfloat16.
+        gate_vision, up_vision, gate_language, up_language: [I, K] each (HF gate_proj / up_proj, no bias).
+        down_vision, down_language: [D, I] each (HF down_proj, no bias).
+        plan: the RoutingPlan.
+        residual: [T, D] or None, added in the down projection's epilogue. Gradient = dY.
+        recompute: False (default) saves h [T, I] and the gate/up pre-activations [T, 2I] (x.dtype) and fuses the
+            SwiGLU backward as above; True saves h but not gate/up, and the backward recomputes them in a GEMM
+            (the two-op path: dh goes to memory).
+        backend: "auto" | "triton" | "torch" (see ``routed_linear``; no "grouped_mm").
+    Returns: [T, D] in x.dtype, routed order. Raises TypeError/ValueError naming the argument on bad input.
+    """
+    x = _check_x_plan(x, plan)
+    I, K = _weight_shape(gate_vision, "gate_vision")
+    if K != x.shape[1]:
+        raise ValueError(f"gate_vision must have shape [I, K={x.shape[1]}] to match x, got {tuple(gate_vision.shape)}")
+    gv, uv, gl, ul = _check_weights([("gate_vision", gate_vision), ("up_vision", up_vision),
+                                     ("gate_language", gate_language), ("up_language", up_language)], I, K, x)
+    D, I2 = _weight_shape(down_vision, "down_vision")
+    if I2 != I:
+        raise ValueError(f"down_vision must have shape [D, I={I}] (I = gate_vision's rows), got "
+                         f"{tuple(down_vision.shape)}")
+    dv, dl = _check_weights([("down_vision", down_vision), ("down_language", down_language)], D, I, x)
+    _check_tensor(residual, "residual", (x.shape[0], D), x.dtype, x.device, allow_none=True)
+    residual = _dense(residual)
+    if not isinstance(recompute, bool):
+        raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
+    be_up = be_down = select_backend(backend, x, "swiglu", I, K)
+    nv, offs = plan.num_vision if be_up == "auto" else None, plan.expert_offsets
+    if be_up == "auto":
+        be_up = _tune_swiglu(x, gv, uv, gl, ul, plan, recompute)
+        memo = []
+
+        def h_now():  # the down projection's input, computed only if its key is tuned now
+            if not memo:
+                memo.append(_swiglu_fwd_impl(x, gv, uv, gl, ul, offs, nv, False, be_up)[0])
+            return memo[0]
+        be_down = _tune_linear(x.new_empty(x.shape[0], I), dv, dl, plan, None, None, residual, run_x=h_now)
+        be_up, be_down = TUNE_PREFIX + be_up, TUNE_PREFIX + be_down
+    _LAST_BACKEND["routed_swiglu_mlp"] = be_up if be_up == be_down else f"{be_up}+{be_down}"
+    return _routed_swiglu_mlp_op(x, gv, uv, gl, ul, dv, dl, offs, _nv_for(be_up, plan), residual, recompute, be_up,
+                                 be_down)[0]

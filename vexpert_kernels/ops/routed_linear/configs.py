@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..._triton_compat import triton
-from .kernels import EPI_QKV_ROPE, EPI_SWIGLU, EPI_SWIGLU_BWD
+from .kernels import EPI_DSWIGLU, EPI_QKV_ROPE, EPI_SWIGLU, EPI_SWIGLU_BWD
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Hopper: 128x256x64 w8s3 was the best pointer-load
 # config of the H200 probe (anchors/gemm_probe.json); 128x128 for two-accumulator (SwiGLU) and narrow N; 64-row tiles
@@ -22,12 +22,17 @@ _GEMM_CONFIGS = {
             "dual_bwd": (128, 64, 64, 8, 8, 3),      # SwiGLU backward: + dh tile and two outputs
             # QKV: BLOCK_N = half-head width (x2 accumulators: 128 rows x one hd=128 head); 184 regs, no spill
             "qkv": (128, 64, 64, 8, 8, 3),
+            # down-projection dX + SwiGLU backward epilogue (g, u tile loads, two stores): 128x128 w8 and 64x128 w4
+            # spilled 24-88 B (Triton 3.6 and 3.9); these: 144-193 registers, no spill under both
+            "dswiglu": (128, 64, 64, 8, 8, 3),
+            "dswiglu_small": (64, 128, 64, 8, 8, 3),
         },
         # fp32 inputs run as TF32 on tensor cores (like torch's allow_tf32); fp32 tiles are twice as wide in smem
         # and registers, so smaller tiles (tf32x3 spilled at every useful tile size: not used)
         "fp32": {"large": (64, 128, 32, 8, 8, 3), "medium": (64, 128, 32, 8, 8, 3), "small": (64, 128, 32, 8, 8, 3),
                  "dual": (64, 64, 32, 8, 4, 2), "dual_small": (64, 64, 32, 8, 4, 2),
-                 "dual_bwd": (64, 64, 32, 8, 4, 2), "qkv": (128, 64, 32, 8, 8, 3)},
+                 "dual_bwd": (64, 64, 32, 8, 4, 2), "qkv": (128, 64, 32, 8, 8, 3), "dswiglu": (64, 128, 32, 8, 8, 3),
+                 "dswiglu_small": (64, 128, 32, 8, 8, 3)},
     },
     80: {
         "16bit": {
@@ -39,10 +44,13 @@ _GEMM_CONFIGS = {
             "dual_small": (64, 128, 32, 8, 4, 3),
             "dual_bwd": (128, 64, 32, 8, 8, 3),
             "qkv": (128, 64, 32, 8, 8, 3),           # 212 regs; BLOCK_K 64 spills, 4 warps spills
+            "dswiglu": (128, 64, 32, 8, 8, 3),       # 128x128 w8 spilled 120-128 B (3.9); 178-180 regs
+            "dswiglu_small": (64, 128, 32, 8, 4, 4),
         },
         "fp32": {"large": (64, 128, 32, 8, 8, 3), "medium": (64, 128, 32, 8, 8, 3), "small": (64, 128, 32, 8, 8, 3),
                  "dual": (64, 128, 32, 8, 8, 3), "dual_small": (64, 128, 32, 8, 8, 3),
-                 "dual_bwd": (64, 128, 32, 8, 8, 3), "qkv": (64, 64, 32, 8, 8, 3)},
+                 "dual_bwd": (64, 128, 32, 8, 8, 3), "qkv": (64, 64, 32, 8, 8, 3),
+                 "dswiglu": (64, 64, 32, 8, 4, 3), "dswiglu_small": (64, 64, 32, 8, 4, 3)},  # 64x128 spilled 24 B (3.6)
     },
 }
 _WGRAD_CONFIGS = {  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -52,7 +60,8 @@ _WGRAD_CONFIGS = {  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 # Interpreter: tiny tiles (every dot is a numpy matmul; block sizes 16/32 keep tests fast and hit masking).
 _INTERP_GEMM = {"large": (32, 32, 16, 2, 1, 1), "medium": (16, 32, 16, 2, 1, 1), "small": (16, 16, 16, 2, 1, 1),
                 "dual": (16, 32, 16, 2, 1, 1), "dual_small": (16, 16, 16, 2, 1, 1), "dual_bwd": (16, 16, 16, 2, 1, 1),
-                "qkv": (16, 16, 16, 2, 1, 1)}
+                "qkv": (16, 16, 16, 2, 1, 1), "dswiglu": (16, 16, 16, 2, 1, 1),
+                "dswiglu_small": (16, 16, 16, 2, 1, 1)}
 _INTERP_WGRAD = {"large": (16, 32, 32, 1, 1), "small": (16, 16, 16, 1, 1)}
 _INTERP_NUM_PROGRAMS = 3  # a persistent grid smaller than the tile count, so the tile loop is exercised
 
@@ -72,6 +81,8 @@ def _gemm_config(device, dtype, T, N, K, epilogue, plain=True):
         _GEMM_CONFIGS[_cc(device)]["fp32" if dtype == torch.float32 else "16bit"]
     if epilogue == EPI_QKV_ROPE:
         key = "qkv"
+    elif epilogue == EPI_DSWIGLU:
+        key = "dswiglu_small" if T <= 1024 else "dswiglu"
     elif epilogue == EPI_SWIGLU_BWD:
         key = "dual_bwd"
     elif dual:

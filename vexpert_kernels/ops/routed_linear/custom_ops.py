@@ -139,13 +139,23 @@ def _swiglu_bwd_impl(dh, gu, x, gv, uv, gl, ul, offsets, nv, need_dx, need_dw, b
             if x[sl].shape[0]:
                 g, u = (x[sl] @ g_w.t(), x[sl] @ u_w.t()) if gu is None else (gu[sl, :I], gu[sl, I:])
                 dgu[sl, :I], dgu[sl, I:] = _swiglu_grads(g, u, dh[sl])
-        dx, dws = _torch_swiglu_bwd(dgu, x, gv, uv, gl, ul, nv, need_dx, need_dw)
-        return (dx,) + (tuple(dws) if dws is not None else (None,) * 4)
-    if gu is None:  # recompute: the GEMM epilogue turns dh into dgate, dup (row stride 2I for both halves)
+    elif gu is None:  # recompute: the GEMM epilogue turns dh into dgate, dup (row stride 2I for both halves)
         _launch_gemm(x, gv, gl, offsets, dgu[:, :I], epilogue=EPI_SWIGLU_BWD, w2v=uv, w2l=ul, out2=dgu[:, I:],
                      dh=dh)
     else:
         _launch_swiglu_bwd_elementwise(gu, dh, dgu)
+    return _swiglu_dgu_bwd(dgu, x, gv, uv, gl, ul, offsets, nv, need_dx, need_dw, backend)
+
+
+def _swiglu_dgu_bwd(dgu, x, gv, uv, gl, ul, offsets, nv, need_dx, need_dw, backend):
+    """From dgu [T, 2I] = [dgate | dup]: dX = dgu [Wg ; Wu] (ONE grouped GEMM, K = 2I, two weight pointers) and
+    dWg = dgate^T x, dWu = dup^T x on column views of dgu. -> (dx, dWg_v, dWu_v, dWg_l, dWu_l), None where not
+    needed. backend: the SwiGLU forward's (its kind picks torch or Triton)."""
+    T, K = x.shape
+    I = gv.shape[0]
+    if parse_backend(backend)[0] != "triton":
+        dx, dws = _torch_swiglu_bwd(dgu, x, gv, uv, gl, ul, nv, need_dx, need_dw)
+        return (dx,) + (tuple(dws) if dws is not None else (None,) * 4)
     dx = dgv = duv = dgl = dul = None
     if need_dx:
         dx = _out(x, T, K)

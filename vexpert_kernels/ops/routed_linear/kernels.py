@@ -12,6 +12,7 @@ EPI_LINEAR = 0       # out = acc (+ bias_e) (+ residual)
 EPI_SWIGLU = 1       # out = silu(acc_gate) * acc_up (two accumulators from one X tile); SAVE_GU: out2 = [g | u]
 EPI_SWIGLU_BWD = 2   # recompute g,u; out = dh*u*silu'(g), out2 = dh*silu(g)
 EPI_QKV_ROPE = 3     # (+ bias_e), RoPE on q,k heads, store at sequence position perm[row] into [B, heads, L, hd]
+EPI_DSWIGLU = 4      # acc = dh (down proj dX), g,u read from gu [T, 2N]; out = [dh*u*silu'(g) | dh*silu(g)] [T, 2N]
 
 
 if HAS_TRITON:
@@ -62,6 +63,8 @@ if HAS_TRITON:
         x multiply the second weight pair w2* (SwiGLU dX = [dgate | dup] [Wg ; Wu]: one GEMM with K = 2I, two
         weight pointers, one accumulator). SAVE_GU (EPI_SWIGLU): also store the pre-activations into out2
         ([T, 2N], row stride stride_dm): gate in columns [0, N), up in [N, 2N).
+        EPI_DSWIGLU: the tile is dh = dY W_down (never stored); dh_ptr is the saved gu = [g | u] ([T, 2N], row stride
+        stride_dm) and out_ptr receives [dgate | dup] ([T, 2N], row stride stride_om).
         """
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
@@ -182,6 +185,16 @@ if HAS_TRITON:
                          dg.to(out_ptr.dtype.element_ty), mask=out_mask)
                 tl.store(out2_ptr + rows64[:, None] * stride_om + cols64[None, :],
                          du.to(out2_ptr.dtype.element_ty), mask=out_mask)
+            elif EPILOGUE == 4:
+                # SwiGLU backward fused into the down projection's dX: acc is dh, which never goes to memory
+                gu_ptrs = dh_ptr + rows64[:, None] * stride_dm + cols64[None, :]
+                g = tl.load(gu_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+                u = tl.load(gu_ptrs + N, mask=out_mask, other=0.0).to(tl.float32)
+                sig = 1.0 / (1.0 + tl.exp(-g))
+                o_ptrs = out_ptr + rows64[:, None] * stride_om + cols64[None, :]
+                dg = acc * u * sig * (1.0 + g * (1.0 - sig))
+                tl.store(o_ptrs, dg.to(out_ptr.dtype.element_ty), mask=out_mask)
+                tl.store(o_ptrs + N, (acc * g * sig).to(out_ptr.dtype.element_ty), mask=out_mask)
             else:
                 # QKV epilogue (tile = part of head `head`). cos/sin come from an fp32 [T, hd/2] table (torch, HF's
                 # numerics): tl.cos/tl.sin would inline libdevice's Payne-Hanek slow path per element (a 28-byte

@@ -31,6 +31,14 @@ def routed_swiglu_reference(x, gate_vision, up_vision, gate_language, up_languag
     return torch.nn.functional.silu(g) * u
 
 
+def routed_swiglu_mlp_reference(x, gate_vision, up_vision, down_vision, gate_language, up_language, down_language,
+                                plan, *, residual=None):
+    """float64 oracle of routed_swiglu_mlp (differentiable)."""
+    vis = torch.arange(x.shape[0], device=x.device) < plan.expert_offsets[1]
+    h = routed_swiglu_reference(x, gate_vision, up_vision, gate_language, up_language, plan)
+    return _ref_linear(h, down_vision, down_language, vis, residual=residual)
+
+
 def routed_qkv_rope_reference(x, weight_vision, weight_language, plan, *, num_heads, num_kv_heads, rope_theta,
                               bias_vision=None, bias_language=None, positions=None, position_dtype=None):
     """float64 oracle: per-expert linear, HF RoPE (fp32 cos/sin table at the positions), split, un-permute."""

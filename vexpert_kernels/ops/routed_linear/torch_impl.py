@@ -91,6 +91,18 @@ def _swiglu_grads(g, u, dh):
     return dh * u * sig * (1 + g * (1 - sig)), dh * g * sig
 
 
+def _torch_dswiglu(dy, dv, dl, gu, nv):
+    """dgu [T, 2I] = [dh*u*silu'(g) | dh*silu(g)] with dh = dY_e W_down_e (cuBLAS per expert, in the input dtype)
+    and g, u from the saved gu [T, 2I]: the plain-PyTorch form of the fused EPI_DSWIGLU GEMM (its autotune
+    reference and the torch backend)."""
+    T, I = dy.shape[0], dv.shape[1]
+    dgu = _out(dy, T, 2 * I)
+    for sl, w in ((slice(0, nv), dv), (slice(nv, T), dl)):
+        if dy[sl].shape[0]:
+            dgu[sl, :I], dgu[sl, I:] = _swiglu_grads(gu[sl, :I], gu[sl, I:], dy[sl] @ w)
+    return dgu
+
+
 
 def _grouped_mm_available(device) -> bool:
     if not hasattr(torch, "_grouped_mm") or device.type != "cuda":

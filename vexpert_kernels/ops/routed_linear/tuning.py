@@ -23,6 +23,7 @@ from ... import autotune
 from .configs import _GEMM_CONFIGS, _WGRAD_CONFIGS, _cc
 
 TUNE_PREFIX = "auto/"
+DSWIGLU_DX = "routed_swiglu_mlp_dx"  # the fused MLP's dX + SwiGLU backward step (ops/routed_linear/mlp.py)
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,9 @@ class ExtraLauncher:
     prefix: name prefix (``"sm90"``). configs(op, x, w) -> {config_name: config} (empty when unsupported for these
     tensors). run(op, config, **inputs) -> output, the same contract as our launcher for that op: op
     ``"routed_linear"`` gets (x, wv, wl, offsets, bv, bl, residual) and returns [T, N]; ``"routed_linear_dx"`` gets
-    (dy, wv, wl, offsets) and returns [T, K]; ``"routed_linear_dw"`` gets (dy, x, offsets) and returns (dWv, dWl).
+    (dy, wv, wl, offsets) and returns [T, K]; ``"routed_linear_dw"`` gets (dy, x, offsets) and returns (dWv, dWl);
+    ``"routed_swiglu_mlp_dx"`` gets (dy [T, D], wv/wl [D, I] down weights, gu [T, 2I], offsets) and returns
+    dgu [T, 2I] (the SwiGLU backward in the down projection's dX epilogue).
     """
     prefix: str
     configs: Callable[[str, torch.Tensor, torch.Tensor], dict]
@@ -54,9 +57,14 @@ def _register_sm90() -> None:
         return
 
     def configs(op, x, w):
-        if m.sm90_unsupported_reason(x, w) is not None:
+        # dX ops get (dy [T, N], w [N, K]): the reason check wants the [T, N] @ [K, N]^T view
+        if m.sm90_unsupported_reason(x, w.t() if op in ("routed_linear_dx", DSWIGLU_DX) else w) is not None:
             return {}
         cfgs = m.SM90_CONFIGS
+        if op == DSWIGLU_DX:
+            cfgs = getattr(m.configs, "SM90_DSWIGLU_CONFIGS", None)
+            if cfgs is None:
+                return {}
         items = cfgs.items() if isinstance(cfgs, dict) else ((str(i), c) for i, c in enumerate(cfgs))
         return {str(getattr(c, "name", k)): c for k, c in items}
 
@@ -68,6 +76,8 @@ def _register_sm90() -> None:
             return m.grouped_gemm_dx_sm90(t["dy"], t["wv"], t["wl"], t["offsets"], config=config)
         if op == "routed_linear_dw":
             return m.grouped_wgrad_sm90(t["dy"], t["x"], t["offsets"], config=config)
+        if op == DSWIGLU_DX:  # down projection's dX + SwiGLU backward epilogue -> dgu [T, 2I]
+            return m.launch.grouped_dx_dswiglu_sm90(t["dy"], t["wv"], t["wl"], t["gu"], t["offsets"], config=config)
         raise ValueError(f"sm90 launcher has no {op}")
 
     _extra_candidates.append(ExtraLauncher("sm90", configs, run))
@@ -123,6 +133,7 @@ _TABLE_KEYS = {  # which rows of the config table are worth timing per op (2-4 p
     "routed_swiglu": ("dual", "dual_small"),
     "routed_qkv_rope": ("qkv",),
     "routed_linear_dx": ("medium", "small"),
+    "routed_swiglu_mlp_dx": ("dswiglu", "dswiglu_small"),  # dX + SwiGLU backward epilogue (transposed weights)
 }
 
 
