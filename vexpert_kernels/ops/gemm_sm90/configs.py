@@ -148,3 +148,35 @@ def gemm_reason(device: torch.device, dtype: torch.dtype, N: int, K: int) -> Opt
     if (K * es) % 16 or (N * es) % 16:
         return f"TMA needs K*{es} and N*{es} bytes to be multiples of 16, got K={K}, N={N}"
     return None
+
+
+# QKV + RoPE + attention layout (qkv.py). ``block_n`` is the tile width in whole heads: a tile holds
+# block_n // head_dim = 1 or 2 heads (so each head's rotate-half partners, columns j and j + hd/2, are in-tile);
+# a config applies to a head_dim that divides block_n (``qkv_config_reason``). Written for head_dim 128 (CogVLM-17B,
+# CogVLM2-19B). No epilogue subtiling: the store is a pointer scatter (rows go to sequence positions perm[row]), so
+# there is no shared-memory staging buffer. Registers / spills: see aot.py (QKV provenance comment).
+SM90_QKV_CONFIGS = [
+    SM90Config(128, 128, 64, 8, 4),                 # one head per tile, two consumer warpgroups
+    SM90Config(128, 128, 64, 8, 3),
+    SM90Config(64, 128, 64, 4, 4),                  # small T: more tiles for 132 SMs
+    SM90Config(128, 256, 64, 8, 3),                 # two heads per tile (plain GEMM's best tile width)
+]
+# Interpreter: head_dim 16 -> 1 or 2 heads per tile, head_dim 32 -> 1 head (tests).
+INTERP_QKV_CONFIGS = [
+    SM90Config(16, 16, 16, 1, 1, group_m=2),
+    SM90Config(16, 32, 16, 1, 1, group_m=2),
+]
+
+
+def qkv_config_reason(cfg: SM90Config, head_dim: int, num_heads: int, num_kv_heads: int) -> Optional[str]:
+    """None when ``cfg`` can run the QKV kernel for this head layout: head_dim a power of two >= 16 dividing
+    block_n into 1 or 2 heads per tile, and q / k / v head groups that never share a tile."""
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return f"head_dim must be a power of two >= 16, got {head_dim}"
+    if cfg.block_n % head_dim or cfg.block_n // head_dim not in (1, 2):
+        return f"{cfg.name}: block_n {cfg.block_n} is not 1 or 2 heads of head_dim {head_dim}"
+    hpt = cfg.block_n // head_dim
+    if num_heads % hpt or num_kv_heads % hpt:
+        return f"{cfg.name}: {hpt} heads per tile would mix q/k/v heads (num_heads {num_heads}, " \
+               f"num_kv_heads {num_kv_heads})"
+    return None
