@@ -100,6 +100,45 @@ def aot_compile_specs():
             specs.append(wgrad_spec(cfg, dt))
     for cfg in SM90_SWIGLU_CONFIGS:
         specs.append(swiglu_spec(cfg, "bf16"))
+    specs += qkv_specs()
+    return specs
+
+
+# QKV + RoPE (qkv.py): head_dim 128 (CogVLM-17B / CogVLM2-19B); "bias_v" is CogVLM2's vision-only QKV bias.
+QKV_HEAD_DIM = 128
+QKV_VARIANTS = (("plain", False, False), ("bias_v", True, False), ("bias", True, True))
+
+
+def qkv_signature(dt: str) -> dict:
+    p = "*" + dt
+    sig = {"x_ptr": p, "wv_ptr": p, "wl_ptr": p, "bv_ptr": p, "bl_ptr": p, "offsets_ptr": "*i32",
+           "perm_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "q_ptr": p, "k_ptr": p, "v_ptr": p,
+           "N": "i32", "K": "i32", "stride_xm": "i32", "seq_len": "i32", "num_heads": "i32", "num_kv_heads": "i32",
+           "NUM_PROGS": "i32"}
+    for name in ("HAS_BIAS_V", "HAS_BIAS_L", "HEAD_DIM", "HEADS_PER_TILE", "BLOCK_M", "BLOCK_K", "GROUP_M", "FLATTEN",
+                 "WARP_SPEC", "UPCAST_DOT"):
+        sig[name] = "constexpr"
+    return sig
+
+
+def qkv_spec(cfg: SM90Config, variant: tuple = QKV_VARIANTS[1], dt: str = "bf16", head_dim: int = QKV_HEAD_DIM):
+    from ..._aot import CompileSpec
+    from .qkv import _grouped_qkv_rope_sm90_kernel
+    vname, hbv, hbl = variant
+    cx = dict(HAS_BIAS_V=hbv, HAS_BIAS_L=hbl, HEAD_DIM=head_dim, HEADS_PER_TILE=cfg.block_n // head_dim,
+              BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, FLATTEN=cfg.flatten,
+              WARP_SPEC=cfg.warp_specialize, UPCAST_DOT=False)
+    return CompileSpec(name=f"qkv_rope_sm90[{vname},{dt},hd{head_dim},{cfg.name}]", fn=_grouped_qkv_rope_sm90_kernel,
+                       signature=qkv_signature(dt), constexprs=cx, num_warps=cfg.num_warps,
+                       num_stages=cfg.num_stages, targets=(90,), expects_tma=True,
+                       extra={"config": cfg.name, "divisible_by_16": ["N", "K", "stride_xm"]})
+
+
+def qkv_specs():
+    """bf16: every QKV config x every bias variant; fp16: the vision-bias variant per config."""
+    from .configs import SM90_QKV_CONFIGS
+    specs = [qkv_spec(cfg, v, "bf16") for cfg in SM90_QKV_CONFIGS for v in QKV_VARIANTS]
+    specs += [qkv_spec(cfg, QKV_VARIANTS[1], "fp16") for cfg in SM90_QKV_CONFIGS]
     return specs
 
 
@@ -154,6 +193,8 @@ def sass_check_specs():
         specs.append(wgrad_spec(cfg, "bf16"))
     for cfg in SM90_SWIGLU_CONFIGS:
         specs.append(swiglu_spec(cfg, "bf16"))
+    from .configs import SM90_QKV_CONFIGS
+    specs += [qkv_spec(cfg, QKV_VARIANTS[2], "bf16") for cfg in SM90_QKV_CONFIGS]  # both biases: the heaviest
     return specs
 
 

@@ -155,11 +155,15 @@ def gemm_reason(device: torch.device, dtype: torch.dtype, N: int, K: int) -> Opt
 # a config applies to a head_dim that divides block_n (``qkv_config_reason``). Written for head_dim 128 (CogVLM-17B,
 # CogVLM2-19B). No epilogue subtiling: the store is a pointer scatter (rows go to sequence positions perm[row]), so
 # there is no shared-memory staging buffer. Registers / spills: see aot.py (QKV provenance comment).
+# Registers at head_dim 128, both biases (sm_90a, Triton 3.9 / 3.6; no spill, no stack): see aot.py QKV_PROVENANCE.
+# Dropped: 128x256 (two heads) w8 s3, 256x128 w8 s3 and 128x128 w4 s4 spill (255 registers + 24 B stack under 3.9:
+# a 128-register accumulator per thread plus the epilogue's cos / sin / rotated halves and 64-bit row addresses);
+# loading one cos / sin tile per tile for both heads made it worse (208 B stack).
 SM90_QKV_CONFIGS = [
     SM90Config(128, 128, 64, 8, 4),                 # one head per tile, two consumer warpgroups
     SM90Config(128, 128, 64, 8, 3),
+    SM90Config(128, 128, 128, 8, 3),                # fewer k steps; 213 KiB smem
     SM90Config(64, 128, 64, 4, 4),                  # small T: more tiles for 132 SMs
-    SM90Config(128, 256, 64, 8, 3),                 # two heads per tile (plain GEMM's best tile width)
 ]
 # Interpreter: head_dim 16 -> 1 or 2 heads per tile, head_dim 32 -> 1 head (tests).
 INTERP_QKV_CONFIGS = [
