@@ -31,9 +31,10 @@ def gemm_signature(dt: str) -> dict:
 
 def wgrad_signature(dt: str) -> dict:
     p = "*" + dt
-    sig = {"dy_ptr": p, "x_ptr": p, "dwv_ptr": p, "dwl_ptr": p, "offsets_ptr": "*i32", "N": "i32", "K": "i32",
-           "stride_dym": "i32", "stride_xm": "i32", "NUM_PROGS": "i32"}
-    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "EPI_SPLIT", "FLATTEN", "WARP_SPEC", "UPCAST_DOT"):
+    sig = {"dy_ptr": p, "x_ptr": p, "dwv_ptr": p, "dwl_ptr": p, "dbv_ptr": "*fp32", "dbl_ptr": "*fp32",
+           "offsets_ptr": "*i32", "N": "i32", "K": "i32", "stride_dym": "i32", "stride_xm": "i32", "NUM_PROGS": "i32"}
+    for name in ("HAS_DB", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "EPI_SPLIT", "FLATTEN", "WARP_SPEC",
+                 "UPCAST_DOT"):
         sig[name] = "constexpr"
     return sig
 
@@ -55,11 +56,12 @@ def gemm_spec(cfg: SM90Config, variant: tuple, dt: str = "bf16"):
                                                                        "stride_ym"]})
 
 
-def wgrad_spec(cfg: SM90Config, dt: str = "bf16"):
+def wgrad_spec(cfg: SM90Config, dt: str = "bf16", dbias: bool = False):
     from ..._aot import CompileSpec
     from .kernels import _grouped_wgrad_sm90_kernel
-    return CompileSpec(name=f"wgrad_sm90[{dt},{cfg.name}]", fn=_grouped_wgrad_sm90_kernel,
-                       signature=wgrad_signature(dt), constexprs=_tile_constexprs(cfg), num_warps=cfg.num_warps,
+    return CompileSpec(name=f"wgrad_sm90[{'dbias,' if dbias else ''}{dt},{cfg.name}]", fn=_grouped_wgrad_sm90_kernel,
+                       signature=wgrad_signature(dt), constexprs=dict(HAS_DB=dbias, **_tile_constexprs(cfg)),
+                       num_warps=cfg.num_warps,
                        num_stages=cfg.num_stages, targets=(90,), expects_tma=True,
                        extra={"config": cfg.name, "divisible_by_16": ["N", "K", "stride_dym", "stride_xm"]})
 
@@ -98,6 +100,7 @@ def aot_compile_specs():
     for cfg in SM90_WGRAD_CONFIGS:
         for dt in DTYPES:
             specs.append(wgrad_spec(cfg, dt))
+        specs.append(wgrad_spec(cfg, "bf16", dbias=True))
     for cfg in SM90_SWIGLU_CONFIGS:
         specs.append(swiglu_spec(cfg, "bf16"))
     specs += qkv_specs()
@@ -191,17 +194,25 @@ def sass_check_specs():
     specs.append(gemm_spec(SM90_CONFIGS[0], GEMM_VARIANTS[4], "bf16"))
     for cfg in SM90_WGRAD_CONFIGS:
         specs.append(wgrad_spec(cfg, "bf16"))
+        specs.append(wgrad_spec(cfg, "bf16", dbias=True))
     for cfg in SM90_SWIGLU_CONFIGS:
         specs.append(swiglu_spec(cfg, "bf16"))
-    from .configs import SM90_QKV_CONFIGS
-    specs += [qkv_spec(cfg, QKV_VARIANTS[2], "bf16") for cfg in SM90_QKV_CONFIGS]  # both biases: the heaviest
     return specs
 
 
-if __name__ == "__main__":  # python -m vexpert_kernels.ops.gemm_sm90.aot [--all]: JSON lines of SASS features
+def qkv_sass_check_specs():
+    """The QKV kernel's SASS checks (``--qkv``; ``tests/test_gemm_sm90_qkv.py``): every QKV config with both biases
+    (the heaviest variant). Its store is a pointer scatter (rows go to positions perm[row]): HGMMA and TMA loads
+    are expected, TMA stores are not."""
+    from .configs import SM90_QKV_CONFIGS
+    return [qkv_spec(cfg, QKV_VARIANTS[2], "bf16") for cfg in SM90_QKV_CONFIGS]
+
+
+if __name__ == "__main__":  # python -m vexpert_kernels.ops.gemm_sm90.aot [--all | --qkv]: JSON lines of SASS features
     import json
     import sys
-    for sp in (aot_compile_specs() if "--all" in sys.argv else sass_check_specs()):
+    for sp in (aot_compile_specs() if "--all" in sys.argv else
+               qkv_sass_check_specs() if "--qkv" in sys.argv else sass_check_specs()):
         try:
             print(json.dumps(sass_features(sp)), flush=True)
         except Exception as exc:  # one line per spec, never a crash
