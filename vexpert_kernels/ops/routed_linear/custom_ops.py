@@ -57,8 +57,9 @@ def _dw_run(name, dy, x, wv, wl, offsets, nv, dbv=None, dbl=None):
         return tuple(torch.matmul(dy[sl].t(), x[sl]) for sl in (slice(0, nv), slice(nv, T)))
     if kind != "triton":
         ln, cname = extra_launcher(f"{kind}:{cfg}")
+        db = dict(dbv=dbv, dbl=dbl) if ln.dbias and (dbv is not None or dbl is not None) else {}
         return tuple(ln.run("routed_linear_dw", ln.configs("routed_linear_dw", x, wv)[cname], dy=dy, x=x,
-                            offsets=offsets))
+                            offsets=offsets, **db))
     dwv, dwl = _out(wv, wv.shape), _out(wl, wl.shape)
     _launch_wgrad(dy, x, offsets, dwv, dwl, dbv, dbl, config=cfg)
     return dwv, dwl
@@ -98,15 +99,19 @@ def _linear_bwd_impl(dy, x, wv, wl, offsets, nv, need_dx, need_dw, need_dbv, nee
     N = wv.shape[0]
     dx = _dx_run(dxn, dy, wv, wl, offsets, nv) if need_dx else None
     dwv = dwl = dbv = dbl = None
-    triton_db = parse_backend(dwn)[0] == "triton"
-    if triton_db:
+    dw_kind, dw_cfg, _ = parse_backend(dwn)
+    triton_db = dw_kind == "triton"
+    # a registered dW launcher that fuses dbias (sm_90: column sums of the dY tiles it loads) fills dbv / dbl
+    ext = extra_launcher(f"{dw_kind}:{dw_cfg}") if dw_kind not in ("triton", "torch", "grouped_mm") else None
+    kernel_db = triton_db or (need_dw and ext is not None and ext[0].dbias)
+    if kernel_db:
         dbv = _out(x, N, dtype=bias_dtype or torch.float32) if need_dbv else None
         dbl = _out(x, N, dtype=bias_dtype or torch.float32) if need_dbl else None
     if need_dw:
         dwv, dwl = _dw_run(dwn, dy, x, wv, wl, offsets, nv, dbv, dbl)
     elif triton_db:
         _launch_wgrad(dy, x, offsets, None, None, dbv, dbl)
-    if not triton_db:
+    if not kernel_db:
         dbv = dy[:nv].sum(0, dtype=torch.float32) if need_dbv else None
         dbl = dy[nv:].sum(0, dtype=torch.float32) if need_dbl else None
     return dx, dwv, dwl, dbv, dbl
@@ -160,6 +165,12 @@ def _swiglu_bwd_impl(dh, gu, x, gv, uv, gl, ul, offsets, nv, need_dx, need_dw, b
 def _qkv_fwd_impl(x, wv, wl, offsets, nv, bv, bl, perm, cos, sin, B, L, H, KV, backend):
     hd = wv.shape[0] // (H + 2 * KV)
     kind, cfg, _ = parse_backend(backend)
+    ext = extra_launcher(f"{kind}:{cfg}") if kind not in ("triton", "torch", "grouped_mm") else None
+    if ext is not None:  # a registered launcher ("<prefix>:<config>"), e.g. the sm_90 TMA kernel
+        ln, name = ext
+        c = ln.configs("routed_qkv_rope", x, wv, num_heads=H, num_kv_heads=KV)[name]
+        return tuple(ln.run("routed_qkv_rope", c, x=x, wv=wv, wl=wl, offsets=offsets, bv=bv, bl=bl, perm=perm,
+                            cos=cos.contiguous(), sin=sin.contiguous(), B=B, L=L, H=H, KV=KV))
     if kind != "triton":
         qkv = _torch_linear_fwd(x, wv, wl, nv, bv, bl, None)
         qkv = _rope_rows(qkv, cos, sin, H + KV, hd)

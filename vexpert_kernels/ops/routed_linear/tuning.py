@@ -33,10 +33,15 @@ class ExtraLauncher:
     tensors). run(op, config, **inputs) -> output, the same contract as our launcher for that op: op
     ``"routed_linear"`` gets (x, wv, wl, offsets, bv, bl, residual) and returns [T, N]; ``"routed_linear_dx"`` gets
     (dy, wv, wl, offsets) and returns [T, K]; ``"routed_linear_dw"`` gets (dy, x, offsets) and returns (dWv, dWl).
+    ``"routed_qkv_rope"``: configs(op, x, w, num_heads=, num_kv_heads=); run gets (x, wv, wl, offsets, bv, bl,
+    perm, cos, sin, B, L, H, KV) and returns (q, k, v) (see ``custom_ops._qkv_fwd_impl``).
+    dbias: run("routed_linear_dw") also takes ``dbv`` / ``dbl`` ([N] buffers or None) and fills them with the
+    per-expert column sums of dY (the caller then skips its own ``dy.sum``).
     """
     prefix: str
-    configs: Callable[[str, torch.Tensor, torch.Tensor], dict]
+    configs: Callable[..., dict]
     run: Callable[..., Any]
+    dbias: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -53,12 +58,19 @@ def _register_sm90() -> None:
     except Exception:  # not merged yet / not importable here: nothing to add
         return
 
-    def configs(op, x, w):
+    def configs(op, x, w, **heads):
         if m.sm90_unsupported_reason(x, w) is not None:
             return {}
-        cfgs = m.SM90_CONFIGS
-        items = cfgs.items() if isinstance(cfgs, dict) else ((str(i), c) for i, c in enumerate(cfgs))
-        return {str(getattr(c, "name", k)): c for k, c in items}
+        if op == "routed_qkv_rope":  # the configs whose tiles fit this head layout (1 or 2 whole heads)
+            from ..gemm_sm90.qkv import qkv_sm90_configs, qkv_sm90_reason
+            return {c.name: c for c in qkv_sm90_configs(x.device)
+                    if qkv_sm90_reason(x, w, heads["num_heads"], heads["num_kv_heads"], c) is None}
+        cuda = x.device.type == "cuda"  # CPU (interpreter): its tiny tiles
+        if op == "routed_linear_dw":
+            cfgs = m.SM90_WGRAD_CONFIGS if cuda else m.INTERP_WGRAD_CONFIGS
+        else:
+            cfgs = m.SM90_CONFIGS if cuda else m.INTERP_CONFIGS
+        return {c.name: c for c in cfgs}
 
     def run(op, config, **t):
         if op == "routed_linear":
@@ -67,10 +79,17 @@ def _register_sm90() -> None:
         if op == "routed_linear_dx":
             return m.grouped_gemm_dx_sm90(t["dy"], t["wv"], t["wl"], t["offsets"], config=config)
         if op == "routed_linear_dw":
-            return m.grouped_wgrad_sm90(t["dy"], t["x"], t["offsets"], config=config)
+            dbias = (t.get("dbv"), t.get("dbl"))
+            return m.grouped_wgrad_sm90(t["dy"], t["x"], t["offsets"], config=config,
+                                        dbias=dbias if any(b is not None for b in dbias) else None)
+        if op == "routed_qkv_rope":
+            from ..gemm_sm90.qkv import grouped_qkv_rope_sm90
+            return grouped_qkv_rope_sm90(t["x"], t["wv"], t["wl"], t["offsets"], t["perm"], t["cos"], t["sin"],
+                                         batch_size=t["B"], seq_len=t["L"], num_heads=t["H"], num_kv_heads=t["KV"],
+                                         bias_v=t["bv"], bias_l=t["bl"], config=config)
         raise ValueError(f"sm90 launcher has no {op}")
 
-    _extra_candidates.append(ExtraLauncher("sm90", configs, run))
+    _extra_candidates.append(ExtraLauncher("sm90", configs, run, dbias=True))
 
 
 _register_sm90()
