@@ -59,7 +59,9 @@ def _register_sm90() -> None:
         return
 
     def configs(op, x, w, **heads):
-        if m.sm90_unsupported_reason(x, w) is not None:
+        # dX passes (dy [T, N], w [N, K]): check the weight's layout with an empty [0, K] stand-in for x
+        probe = x.new_empty((0, w.shape[1])) if op == "routed_linear_dx" and w.dim() == 2 else x
+        if m.sm90_unsupported_reason(probe, w) is not None:
             return {}
         if op == "routed_qkv_rope":  # the configs whose tiles fit this head layout (1 or 2 whole heads)
             from ..gemm_sm90.qkv import qkv_sm90_configs, qkv_sm90_reason
