@@ -147,7 +147,11 @@ if HAS_TRITON:
         tiles = tiles_n * tiles_k
         m_steps = tl.cdiv(rows, BLOCK_M)
         tile_c = start - NUM_PROGS
-        for tile in tl.range(start, tiles, NUM_PROGS, flatten=FLATTEN, warp_specialize=WARP_SPEC):
+        # HAS_DB: no loop flattening. Triton 3.6's TritonGPUFuseNestedLoops fails on the conditional column sum
+        # ("scf.if ... source has 3 operands, but target successor needs 4"); a dW tile reduces over all of its
+        # expert's rows (~T / 2 / BLOCK_M steps), so its un-overlapped epilogue is a small part of the tile.
+        FLAT: tl.constexpr = FLATTEN and not HAS_DB
+        for tile in tl.range(start, tiles, NUM_PROGS, flatten=FLAT, warp_specialize=WARP_SPEC):
             pid_n, pid_k = _grouped_tile(tile, tiles_n, tiles_k, GROUP_M)
             off_n = pid_n * BLOCK_N
             off_k = pid_k * BLOCK_K
