@@ -155,16 +155,20 @@ def gemm_reason(device: torch.device, dtype: torch.dtype, N: int, K: int) -> Opt
 # a config applies to a head_dim that divides block_n (``qkv_config_reason``). Written for head_dim 128 (CogVLM-17B,
 # CogVLM2-19B). No epilogue subtiling: the store is a pointer scatter (rows go to sequence positions perm[row]), so
 # there is no shared-memory staging buffer. Registers / spills: see aot.py (QKV provenance comment).
-# Registers at head_dim 128, both biases (sm_90a, Triton 3.9 / 3.6; no spill, no stack): see aot.py QKV_PROVENANCE.
-# Dropped: 128x256 (two heads) w8 s3, 256x128 w8 s3 and 128x128 w4 s4 spill (255 registers + 24 B stack under 3.9:
+# Provenance: AOT for sm_90a at head_dim 128, both biases (registers Triton 3.9 / 3.6; no spill, no stack, HGMMA and
+# TMA loads in the SASS; `compile_report --module vexpert_kernels.ops.gemm_sm90.aot`, tests/test_gemm_sm90_qkv.py).
+# Not timed on a GPU yet (qkv_selfcheck.py measures the issue-14 ratio against the plain sm_90 GEMM). Dropped: 128x256 (two heads) w8 s3, 256x128 w8 s3 and 128x128 w4 s4 spill (255 registers + 24 B stack under 3.9:
 # a 128-register accumulator per thread plus the epilogue's cos / sin / rotated halves and 64-bit row addresses);
 # loading one cos / sin tile per tile for both heads made it worse (208 B stack).
 SM90_QKV_CONFIGS = [
-    SM90Config(128, 128, 64, 8, 4),                 # one head per tile, two consumer warpgroups
-    SM90Config(128, 128, 64, 8, 3),
-    SM90Config(128, 128, 128, 8, 3),                # fewer k steps; 213 KiB smem
-    SM90Config(64, 128, 64, 4, 4),                  # small T: more tiles for 132 SMs
+    SM90Config(128, 128, 64, 8, 4),                 # one head per tile, two consumer warpgroups; 192 / 182 regs
+    SM90Config(128, 128, 64, 8, 3),                 # 188 / 182 regs, 113 KiB smem
+    SM90Config(128, 128, 128, 8, 3),                # fewer k steps; 188 / 182 regs, 209 KiB smem
+    SM90Config(64, 128, 64, 4, 4),                  # small T: more tiles for 132 SMs; 190 / 182 regs
 ]
+# dW with fused dbias (kernels._wgrad_pass, HAS_DB; same SM90_WGRAD_CONFIGS, no loop flattening): registers 213 / 223
+# (64x128x256 w8 s3 sub2), 239 / 241 (64x256x128 w8 s3 sub2), 129 / 123 (64x128x128 w8 s4), 241 / 247 (64x128x128
+# w4 s4) under Triton 3.9 / 3.6, no spill; without dbias 183 / 179 / 116 / 175 (3.9).
 # Interpreter: head_dim 16 -> 1 or 2 heads per tile, head_dim 32 -> 1 head (tests).
 INTERP_QKV_CONFIGS = [
     SM90Config(16, 16, 16, 1, 1, group_m=2),
