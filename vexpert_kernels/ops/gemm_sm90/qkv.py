@@ -60,15 +60,18 @@ if HAS_TRITON:
             s = tl.load(sin_ptr + cs, mask=mask, other=0.0)
             o1 = a1 * c - a2 * s
             o2 = a2 * c + a1 * s
-        p = tl.load(perm_ptr + rows64, mask=row_ok, other=0).to(tl.int64)
+        # 32-bit index math (a 64-bit division is a long software sequence): perm[i] < B L and the destination row
+        # (b nh + h) L + l < B heads L fit in int32; only the element offset (row * HEAD_DIM) is 64-bit
+        p = tl.load(perm_ptr + rows64, mask=row_ok, other=0).to(tl.int32)
         bb = p // seq_len
         ll = p % seq_len
         is_q = head < num_heads
         is_k = (head >= num_heads) & (head < num_heads + num_kv_heads)
-        nh = tl.where(is_q, num_heads, num_kv_heads).to(tl.int64)
+        nh = tl.where(is_q, num_heads, num_kv_heads)
         h_loc = tl.where(is_q, head, tl.where(is_k, head - num_heads, head - num_heads - num_kv_heads))
         o_base = tl.where(is_q, q_ptr, tl.where(is_k, k_ptr, v_ptr))
-        row_off = ((bb * nh + h_loc.to(tl.int64)) * seq_len + ll) * HEAD_DIM   # [BM]: position perm[i] of head h_loc
+        dst = (bb * nh + h_loc) * seq_len + ll                                # [BM]: row perm[i] of head h_loc
+        row_off = dst.to(tl.int64) * HEAD_DIM
         o_ptrs = o_base + row_off[:, None] + jj[None, :]
         tl.store(o_ptrs, o1.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(o_ptrs + HALF, o2.to(q_ptr.dtype.element_ty), mask=mask)
