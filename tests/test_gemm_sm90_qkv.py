@@ -230,7 +230,12 @@ def test_wgrad_fused_dbias(T, nv, N, K):
         again = (torch.empty(N, device=DEVICE), torch.empty(N, device=DEVICE))
         SM90.grouped_wgrad_sm90(dy, x, off, config=cfg, dbias=again)
         assert torch.equal(again[0], dbv) and torch.equal(again[1], dbl), "dbias is not deterministic"
-        # one expert wanted, in bf16 (the bias dtype): the other gets a scratch buffer
+        # both in bf16 (the bias dtype): the kernel casts its fp32 sums on the store
+        both = tuple(torch.full((N,), float("nan"), dtype=BF, device=DEVICE) for _ in range(2))
+        SM90.grouped_wgrad_sm90(dy, x, off, config=cfg, dbias=both)
+        for got, ref in zip(both, (ref_v, ref_l)):  # (the interpreter's fp32 -> bf16 cast truncates)
+            assert rel_err(got, ref) < 1e-2 if ref.norm() > 0 else torch.equal(got, torch.zeros_like(got))
+        # one expert wanted, in bf16: the other gets a scratch buffer
         only_l = torch.full((N,), float("nan"), dtype=BF, device=DEVICE)
         SM90.grouped_wgrad_sm90(dy, x, off, config=cfg, dbias=(None, only_l))
         assert rel_err(only_l, ref_l) < 1e-2 if ref_l.norm() > 0 else torch.equal(only_l, torch.zeros_like(only_l))
