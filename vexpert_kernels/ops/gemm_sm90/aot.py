@@ -59,8 +59,11 @@ def gemm_spec(cfg: SM90Config, variant: tuple, dt: str = "bf16"):
 def wgrad_spec(cfg: SM90Config, dt: str = "bf16", dbias: bool = False):
     from ..._aot import CompileSpec
     from .kernels import _grouped_wgrad_sm90_kernel
+    cx = dict(HAS_DB=dbias, **_tile_constexprs(cfg))
+    if dbias:  # as the launcher: the dbias variant is never warp-specialised (Triton 3.6 / 3.9 drop the split)
+        cx["WARP_SPEC"] = False
     return CompileSpec(name=f"wgrad_sm90[{'dbias,' if dbias else ''}{dt},{cfg.name}]", fn=_grouped_wgrad_sm90_kernel,
-                       signature=wgrad_signature(dt), constexprs=dict(HAS_DB=dbias, **_tile_constexprs(cfg)),
+                       signature=wgrad_signature(dt), constexprs=cx,
                        num_warps=cfg.num_warps,
                        num_stages=cfg.num_stages, targets=(90,), expects_tma=True,
                        extra={"config": cfg.name, "divisible_by_16": ["N", "K", "stride_dym", "stride_xm"]})

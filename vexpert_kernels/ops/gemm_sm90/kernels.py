@@ -149,7 +149,8 @@ if HAS_TRITON:
         tile_c = start - NUM_PROGS
         # HAS_DB: no loop flattening. Triton 3.6's TritonGPUFuseNestedLoops fails on the conditional column sum
         # ("scf.if ... source has 3 operands, but target successor needs 4"); a dW tile reduces over all of its
-        # expert's rows (~T / 2 / BLOCK_M steps), so its un-overlapped epilogue is a small part of the tile.
+        # expert's rows (~T / 2 / BLOCK_M steps), so its un-overlapped epilogue is a small part of the tile. (Nor is
+        # a HAS_DB kernel warp-specialised by Triton 3.6 / 3.9: the launcher passes WARP_SPEC=False with it.)
         FLAT: tl.constexpr = FLATTEN and not HAS_DB
         for tile in tl.range(start, tiles, NUM_PROGS, flatten=FLAT, warp_specialize=WARP_SPEC):
             pid_n, pid_k = _grouped_tile(tile, tiles_n, tiles_k, GROUP_M)

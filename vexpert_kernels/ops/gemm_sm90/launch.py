@@ -212,7 +212,10 @@ def grouped_wgrad_sm90(dy, x, offsets, config: Optional[SM90Config] = None, out=
         dy, x, dwv, dwl, dbs[0] if dbs else dwv, dbs[1] if dbs else dwv, offsets, N, K, dy.stride(0), x.stride(0),
         grid, HAS_DB=dbs is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        EPI_SPLIT=cfg.epi_split, FLATTEN=cfg.flatten, WARP_SPEC=cfg.warp_specialize, UPCAST_DOT=interpret_mode(),
+        # dbias: no warp specialisation (Triton 3.6 / 3.9 do not split the kernel with the conditional column sum;
+        # the request would be dropped silently; saying so keeps the compiled variant and the AOT spec the same)
+        EPI_SPLIT=cfg.epi_split, FLATTEN=cfg.flatten, WARP_SPEC=cfg.warp_specialize and dbs is None,
+        UPCAST_DOT=interpret_mode(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if wanted is not None:
