@@ -16,9 +16,9 @@ import sys
 
 import torch
 
-from .configs import SM90_CONFIGS, SM90_QKV_CONFIGS, SM90_WGRAD_CONFIGS, qkv_config_reason
+from .configs import INTERP_CONFIGS, INTERP_WGRAD_CONFIGS, SM90_CONFIGS, SM90_WGRAD_CONFIGS, qkv_config_reason
 from .launch import grouped_gemm_sm90, grouped_wgrad_sm90
-from .qkv import grouped_qkv_rope_sm90
+from .qkv import grouped_qkv_rope_sm90, qkv_sm90_configs
 
 # (name, H, KV, vision bias, language bias)
 QKV_SHAPES = [("cogvlm-17b", 32, 32, True, True), ("cogvlm2-19b", 32, 8, True, False)]
@@ -33,9 +33,11 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def run(T=8192, n_v=4908, B=4, K=4096, hd=128, quick=False, dt=torch.bfloat16):
+def run(T=8192, n_v=4908, B=4, K=4096, hd=128, quick=False, dt=torch.bfloat16, device="cuda"):
+    """The rows (also printed). ``device="cpu"`` (tiny shapes, the interpreter's configs) is a smoke test only."""
     from ..routed_linear.rope import _qkv_routed_to_heads, _rope_rows
-    dev = torch.device("cuda")
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
     L = T // B
     off = torch.tensor([0, n_v, T], dtype=torch.int32, device=dev)
     perm = torch.randperm(T, device=dev)
@@ -53,9 +55,9 @@ def run(T=8192, n_v=4908, B=4, K=4096, hd=128, quick=False, dt=torch.bfloat16):
         y = torch.cat([x[:n_v] @ wv.T + (bv if bv is not None else 0), x[n_v:] @ wl.T + (bl if bl is not None else 0)])
         ref = _qkv_routed_to_heads(_rope_rows(y, cos, sin, H + KV, hd), perm, B, L, H, KV, hd)
         plain = {c.name: _bench(lambda c=c: grouped_gemm_sm90(x, wv, wl, off, bias_v=bv, bias_l=bl, config=c))
-                 for c in SM90_CONFIGS}
+                 for c in (SM90_CONFIGS if cuda else INTERP_CONFIGS)}
         best_plain = min(plain.values())
-        for cfg in SM90_QKV_CONFIGS:
+        for cfg in qkv_sm90_configs(dev):
             if qkv_config_reason(cfg, hd, H, KV) is not None:
                 continue
 
@@ -71,7 +73,8 @@ def run(T=8192, n_v=4908, B=4, K=4096, hd=128, quick=False, dt=torch.bfloat16):
             print(f"qkv     {shape:12s} {cfg.name:28s} err {err:.1e}  {ms:7.3f} ms  {r['tflops']:6.1f} TFLOP/s  "
                   f"{r['vs_best_plain_sm90']:.3f}x best plain sm90 GEMM (target >= 0.97)", flush=True)
         dy = torch.randn(T, N, device=dev, dtype=dt)
-        for cfg in SM90_WGRAD_CONFIGS[:1] if quick else SM90_WGRAD_CONFIGS:
+        wcfgs = SM90_WGRAD_CONFIGS if cuda else INTERP_WGRAD_CONFIGS
+        for cfg in wcfgs[:1] if quick else wcfgs:
             dbv = torch.empty(N, device=dev)
             dbl = torch.empty(N, device=dev)
             base = _bench(lambda cfg=cfg: grouped_wgrad_sm90(dy, x, off, config=cfg))
