@@ -32,9 +32,10 @@ def gemm_signature(dt: str) -> dict:
 
 def wgrad_signature(dt: str) -> dict:
     p = "*" + dt
-    sig = {"dy_ptr": p, "x_ptr": p, "dwv_ptr": p, "dwl_ptr": p, "offsets_ptr": "*i32", "N": "i32", "K": "i32",
-           "stride_dym": "i32", "stride_xm": "i32", "NUM_PROGS": "i32"}
-    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "EPI_SPLIT", "FLATTEN", "WARP_SPEC", "UPCAST_DOT"):
+    sig = {"dy_ptr": p, "x_ptr": p, "dwv_ptr": p, "dwl_ptr": p, "dbv_ptr": "*fp32", "dbl_ptr": "*fp32",
+           "offsets_ptr": "*i32", "N": "i32", "K": "i32", "stride_dym": "i32", "stride_xm": "i32", "NUM_PROGS": "i32"}
+    for name in ("HAS_DB", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "EPI_SPLIT", "FLATTEN", "WARP_SPEC",
+                 "UPCAST_DOT"):
         sig[name] = "constexpr"
     return sig
 
@@ -56,11 +57,15 @@ def gemm_spec(cfg: SM90Config, variant: tuple, dt: str = "bf16"):
                                                                        "stride_ym"]})
 
 
-def wgrad_spec(cfg: SM90Config, dt: str = "bf16"):
+def wgrad_spec(cfg: SM90Config, dt: str = "bf16", dbias: bool = False):
     from ..._aot import CompileSpec
     from .kernels import _grouped_wgrad_sm90_kernel
-    return CompileSpec(name=f"wgrad_sm90[{dt},{cfg.name}]", fn=_grouped_wgrad_sm90_kernel,
-                       signature=wgrad_signature(dt), constexprs=_tile_constexprs(cfg), num_warps=cfg.num_warps,
+    cx = dict(HAS_DB=dbias, **_tile_constexprs(cfg))
+    if dbias:  # as the launcher: the dbias variant is never warp-specialised (Triton 3.6 / 3.9 drop the split)
+        cx["WARP_SPEC"] = False
+    return CompileSpec(name=f"wgrad_sm90[{'dbias,' if dbias else ''}{dt},{cfg.name}]", fn=_grouped_wgrad_sm90_kernel,
+                       signature=wgrad_signature(dt), constexprs=cx,
+                       num_warps=cfg.num_warps,
                        num_stages=cfg.num_stages, targets=(90,), expects_tma=True,
                        extra={"config": cfg.name, "divisible_by_16": ["N", "K", "stride_dym", "stride_xm"]})
 
@@ -119,10 +124,51 @@ def aot_compile_specs():
     for cfg in SM90_WGRAD_CONFIGS:
         for dt in DTYPES:
             specs.append(wgrad_spec(cfg, dt))
+        specs.append(wgrad_spec(cfg, "bf16", dbias=True))
     for cfg in SM90_SWIGLU_CONFIGS:
         specs.append(swiglu_spec(cfg, "bf16"))
     for cfg in SM90_DSWIGLU_CONFIGS:
         specs.append(dswiglu_spec(cfg, "bf16"))
+    specs += qkv_specs()
+    return specs
+
+
+# QKV + RoPE (qkv.py): head_dim 128 (CogVLM-17B / CogVLM2-19B); "bias_v" is CogVLM2's vision-only QKV bias.
+QKV_HEAD_DIM = 128
+QKV_VARIANTS = (("plain", False, False), ("bias_v", True, False), ("bias", True, True))
+
+
+def qkv_signature(dt: str) -> dict:
+    p = "*" + dt
+    sig = {"x_ptr": p, "wv_ptr": p, "wl_ptr": p, "bv_ptr": p, "bl_ptr": p, "offsets_ptr": "*i32",
+           "perm_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "q_ptr": p, "k_ptr": p, "v_ptr": p,
+           "N": "i32", "K": "i32", "stride_xm": "i32", "seq_len": "i32", "num_heads": "i32", "num_kv_heads": "i32",
+           "NUM_PROGS": "i32"}
+    for name in ("HAS_BIAS_V", "HAS_BIAS_L", "HEAD_DIM", "HEADS_PER_TILE", "BLOCK_M", "BLOCK_K", "GROUP_M", "FLATTEN",
+                 "WARP_SPEC", "UPCAST_DOT"):
+        sig[name] = "constexpr"
+    return sig
+
+
+def qkv_spec(cfg: SM90Config, variant: tuple = QKV_VARIANTS[1], dt: str = "bf16", head_dim: int = QKV_HEAD_DIM):
+    from ..._aot import CompileSpec
+    from .qkv import _grouped_qkv_rope_sm90_kernel
+    vname, hbv, hbl = variant
+    cx = dict(HAS_BIAS_V=hbv, HAS_BIAS_L=hbl, HEAD_DIM=head_dim, HEADS_PER_TILE=cfg.block_n // head_dim,
+              BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, FLATTEN=cfg.flatten,
+              WARP_SPEC=cfg.warp_specialize, UPCAST_DOT=False)
+    return CompileSpec(name=f"qkv_rope_sm90[{vname},{dt},hd{head_dim},{cfg.name}]", fn=_grouped_qkv_rope_sm90_kernel,
+                       signature=qkv_signature(dt), constexprs=cx, num_warps=cfg.num_warps,
+                       num_stages=cfg.num_stages, targets=(90,), expects_tma=True,
+                       extra={"config": cfg.name, "divisible_by_16": ["N", "K", "stride_xm"]})
+
+
+def qkv_specs():
+    """bf16: every QKV config x every bias variant; fp16 (differs only in the wgmma operand type): the first
+    config's vision-bias variant."""
+    from .configs import SM90_QKV_CONFIGS
+    specs = [qkv_spec(cfg, v, "bf16") for cfg in SM90_QKV_CONFIGS for v in QKV_VARIANTS]
+    specs.append(qkv_spec(SM90_QKV_CONFIGS[0], QKV_VARIANTS[1], "fp16"))
     return specs
 
 
@@ -175,6 +221,7 @@ def sass_check_specs():
     specs.append(gemm_spec(SM90_CONFIGS[0], GEMM_VARIANTS[4], "bf16"))
     for cfg in SM90_WGRAD_CONFIGS:
         specs.append(wgrad_spec(cfg, "bf16"))
+        specs.append(wgrad_spec(cfg, "bf16", dbias=True))
     for cfg in SM90_SWIGLU_CONFIGS:
         specs.append(swiglu_spec(cfg, "bf16"))
     for cfg in SM90_DSWIGLU_CONFIGS:
@@ -182,10 +229,19 @@ def sass_check_specs():
     return specs
 
 
-if __name__ == "__main__":  # python -m vexpert_kernels.ops.gemm_sm90.aot [--all]: JSON lines of SASS features
+def qkv_sass_check_specs():
+    """The QKV kernel's SASS checks (``--qkv``; ``tests/test_gemm_sm90_qkv.py``): every QKV config with both biases
+    (the heaviest variant). Its store is a pointer scatter (rows go to positions perm[row]): HGMMA and TMA loads
+    are expected, TMA stores are not."""
+    from .configs import SM90_QKV_CONFIGS
+    return [qkv_spec(cfg, QKV_VARIANTS[2], "bf16") for cfg in SM90_QKV_CONFIGS]
+
+
+if __name__ == "__main__":  # python -m vexpert_kernels.ops.gemm_sm90.aot [--all | --qkv]: JSON lines of SASS features
     import json
     import sys
-    for sp in (aot_compile_specs() if "--all" in sys.argv else sass_check_specs()):
+    for sp in (aot_compile_specs() if "--all" in sys.argv else
+               qkv_sass_check_specs() if "--qkv" in sys.argv else sass_check_specs()):
         try:
             print(json.dumps(sass_features(sp)), flush=True)
         except Exception as exc:  # one line per spec, never a crash

@@ -181,3 +181,46 @@ def gemm_reason(device: torch.device, dtype: torch.dtype, N: int, K: int) -> Opt
     if (K * es) % 16 or (N * es) % 16:
         return f"TMA needs K*{es} and N*{es} bytes to be multiples of 16, got K={K}, N={N}"
     return None
+
+
+# QKV + RoPE + attention layout (qkv.py). ``block_n`` is the tile width in whole heads: a tile holds
+# block_n // head_dim = 1 or 2 heads (so each head's rotate-half partners, columns j and j + hd/2, are in-tile);
+# a config applies to a head_dim that divides block_n (``qkv_config_reason``). Written for head_dim 128 (CogVLM-17B,
+# CogVLM2-19B). No epilogue subtiling: the store is a pointer scatter (rows go to sequence positions perm[row]), so
+# there is no shared-memory staging buffer.
+# Provenance: AOT for sm_90a at head_dim 128, both biases (registers Triton 3.9 / 3.6; no spill, no stack, HGMMA and
+# TMA loads in the SASS; `compile_report --module vexpert_kernels.ops.gemm_sm90.aot`, tests/test_gemm_sm90_qkv.py).
+# Not timed on a GPU yet (qkv_selfcheck.py measures the issue-14 ratio against the plain sm_90 GEMM). The epilogue's
+# index math is 32-bit (perm // L, perm % L): with 64-bit math 128x128 w8 took 192 registers (3.9) and every 128-
+# register-accumulator tile spilled. Dropped: 256x128 w8 s3 (spills 24 B under 3.9, 8 B under 3.6); loading one
+# cos / sin tile per tile for both heads of a 2-head tile (instead of per head) raised the pressure (208 B stack).
+SM90_QKV_CONFIGS = [
+    SM90Config(128, 128, 64, 8, 4),                 # one head per tile, two consumer warpgroups; 141 / 130 regs
+    SM90Config(128, 128, 64, 8, 3),                 # 139 / 130 regs, 113 KiB smem
+    SM90Config(128, 128, 128, 8, 3),                # fewer k steps; 139 / 130 regs, 209 KiB smem
+    SM90Config(64, 128, 64, 4, 4),                  # small T: more tiles for 132 SMs; 174 / 130 regs
+    SM90Config(128, 256, 64, 8, 3),                 # two heads per tile (the plain GEMM's widest tile); 255 / 190 regs
+    SM90Config(128, 256, 64, 8, 3, flatten=False),  # the same without loop flattening: 190 / 186 regs (headroom)
+]
+# dW with fused dbias (kernels._wgrad_pass, HAS_DB; same SM90_WGRAD_CONFIGS, no loop flattening): registers 213 / 223
+# (64x128x256 w8 s3 sub2), 239 / 241 (64x256x128 w8 s3 sub2), 129 / 123 (64x128x128 w8 s4), 241 / 247 (64x128x128
+# w4 s4) under Triton 3.9 / 3.6, no spill; without dbias 183 / 179 / 116 / 175 (3.9).
+# Interpreter: head_dim 16 -> 1 or 2 heads per tile, head_dim 32 -> 1 head (tests).
+INTERP_QKV_CONFIGS = [
+    SM90Config(16, 16, 16, 1, 1, group_m=2),
+    SM90Config(16, 32, 16, 1, 1, group_m=2),
+]
+
+
+def qkv_config_reason(cfg: SM90Config, head_dim: int, num_heads: int, num_kv_heads: int) -> Optional[str]:
+    """None when ``cfg`` can run the QKV kernel for this head layout: head_dim a power of two >= 16 dividing
+    block_n into 1 or 2 heads per tile, and q / k / v head groups that never share a tile."""
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return f"head_dim must be a power of two >= 16, got {head_dim}"
+    if cfg.block_n % head_dim or cfg.block_n // head_dim not in (1, 2):
+        return f"{cfg.name}: block_n {cfg.block_n} is not 1 or 2 heads of head_dim {head_dim}"
+    hpt = cfg.block_n // head_dim
+    if num_heads % hpt or num_kv_heads % hpt:
+        return f"{cfg.name}: {hpt} heads per tile would mix q/k/v heads (num_heads {num_heads}, " \
+               f"num_kv_heads {num_kv_heads})"
+    return None

@@ -188,13 +188,15 @@ if HAS_TRITON:
                    UPCAST_DOT, True)
 
     @triton.jit
-    def _wgrad_pass(dy_ptr, x_ptr, dw_ptr, rows, start, N, K, stride_dym, stride_xm, NUM_PROGS,
+    def _wgrad_pass(dy_ptr, x_ptr, dw_ptr, db_ptr, rows, start, N, K, stride_dym, stride_xm, NUM_PROGS,
+                    HAS_DB: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                     EPI_SPLIT: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr,
                     UPCAST_DOT: tl.constexpr):
         """All [BLOCK_N, BLOCK_K] tiles of one expert's dW = dY_e^T X_e; each tile reduces the expert's rows in
         order (fp32 accumulator, no atomics: deterministic). Zero rows -> zero tiles. dy_ptr and x_ptr point at
-        the expert's first row."""
+        the expert's first row. HAS_DB: the tiles with pid_k == 0 also sum the dY tiles they load over the rows
+        (fp32, same fixed order) into db[N] (each bias column summed by exactly one program: deterministic)."""
         dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[rows, N], strides=[stride_dym, 1],
                                             block_shape=[BLOCK_M, BLOCK_N])
         x_desc = tl.make_tensor_descriptor(x_ptr, shape=[rows, K], strides=[stride_xm, 1],
@@ -206,34 +208,50 @@ if HAS_TRITON:
         tiles = tiles_n * tiles_k
         m_steps = tl.cdiv(rows, BLOCK_M)
         tile_c = start - NUM_PROGS
-        for tile in tl.range(start, tiles, NUM_PROGS, flatten=FLATTEN, warp_specialize=WARP_SPEC):
+        # HAS_DB: no loop flattening. Triton 3.6's TritonGPUFuseNestedLoops fails on the conditional column sum
+        # ("scf.if ... source has 3 operands, but target successor needs 4"); a dW tile reduces over all of its
+        # expert's rows (~T / 2 / BLOCK_M steps), so its un-overlapped epilogue is a small part of the tile. (Nor is
+        # a HAS_DB kernel warp-specialised by Triton 3.6 / 3.9: the launcher passes WARP_SPEC=False with it.)
+        FLAT: tl.constexpr = FLATTEN and not HAS_DB
+        for tile in tl.range(start, tiles, NUM_PROGS, flatten=FLAT, warp_specialize=WARP_SPEC):
             pid_n, pid_k = _grouped_tile(tile, tiles_n, tiles_k, GROUP_M)
             off_n = pid_n * BLOCK_N
             off_k = pid_k * BLOCK_K
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            db = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for ms in range(m_steps):
                 off_m = ms * BLOCK_M
-                g = dy_desc.load([off_m, off_n]).T                    # [BN, BM]
+                gt = dy_desc.load([off_m, off_n])                     # [BM, BN]; zero past the expert's rows
+                g = gt.T                                              # [BN, BM]
                 xx = x_desc.load([off_m, off_k])                      # [BM, BK]
                 if UPCAST_DOT:
                     g = g.to(tl.float32)
                     xx = xx.to(tl.float32)
                 acc = tl.dot(g, xx, acc)
+                if HAS_DB:
+                    if pid_k == 0:
+                        db += tl.sum(gt.to(tl.float32), axis=0)
             tile_c += NUM_PROGS
             pid_n, pid_k = _grouped_tile(tile_c, tiles_n, tiles_k, GROUP_M)
             _store_tile(acc, dw_desc, dw_desc, pid_n * BLOCK_N, pid_k * BLOCK_K, False, EPI_SPLIT, BLOCK_N,
                         BLOCK_K)
+            if HAS_DB:
+                if pid_k == 0:
+                    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+                    tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=cols < N)
 
     @triton.jit
     def _grouped_wgrad_sm90_kernel(
-        dy_ptr, x_ptr, dwv_ptr, dwl_ptr, offsets_ptr,
+        dy_ptr, x_ptr, dwv_ptr, dwl_ptr, dbv_ptr, dbl_ptr, offsets_ptr,
         N, K, stride_dym, stride_xm, NUM_PROGS,
+        HAS_DB: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         EPI_SPLIT: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr, UPCAST_DOT: tl.constexpr,
     ):
-        """dW_e[N, K] = dY_e^T X_e for both experts. Both experts have the same tile count; a tile costs its
-        expert's row count, so the expert with more rows goes first and the cheap tiles of the other fill the
-        programs that drew one expensive tile fewer (longest-processing-time-first on the static round-robin)."""
+        """dW_e[N, K] = dY_e^T X_e for both experts (HAS_DB: and db_e[N] = sum over e's rows of dY, into dbv /
+        dbl). Both experts have the same tile count; a tile costs its expert's row count, so the expert with more
+        rows goes first and the cheap tiles of the other fill the programs that drew one expensive tile fewer
+        (longest-processing-time-first on the static round-robin)."""
         pid = tl.program_id(0)
         n_v = tl.load(offsets_ptr + 1)
         n_t = tl.load(offsets_ptr + 2)
@@ -244,14 +262,17 @@ if HAS_TRITON:
         row0_a = tl.where(l_first, n_v, 0).to(tl.int64)
         rows_a = tl.where(l_first, n_l, n_v)
         dw_a = tl.where(l_first, dwl_ptr, dwv_ptr)
-        _wgrad_pass(dy_ptr + row0_a * stride_dym, x_ptr + row0_a * stride_xm, dw_a, rows_a, pid, N, K, stride_dym,
-                    stride_xm, NUM_PROGS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EPI_SPLIT, FLATTEN, WARP_SPEC, UPCAST_DOT)
+        db_a = tl.where(l_first, dbl_ptr, dbv_ptr)
+        _wgrad_pass(dy_ptr + row0_a * stride_dym, x_ptr + row0_a * stride_xm, dw_a, db_a, rows_a, pid, N, K,
+                    stride_dym, stride_xm, NUM_PROGS, HAS_DB, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EPI_SPLIT, FLATTEN,
+                    WARP_SPEC, UPCAST_DOT)
         row0_b = tl.where(l_first, 0, n_v).to(tl.int64)
         rows_b = tl.where(l_first, n_v, n_l)
         dw_b = tl.where(l_first, dwv_ptr, dwl_ptr)
-        _wgrad_pass(dy_ptr + row0_b * stride_dym, x_ptr + row0_b * stride_xm, dw_b, rows_b,
-                    _pass_start(pid, tiles, NUM_PROGS), N, K, stride_dym, stride_xm, NUM_PROGS, BLOCK_M, BLOCK_N,
-                    BLOCK_K, GROUP_M, EPI_SPLIT, FLATTEN, WARP_SPEC, UPCAST_DOT)
+        db_b = tl.where(l_first, dbv_ptr, dbl_ptr)
+        _wgrad_pass(dy_ptr + row0_b * stride_dym, x_ptr + row0_b * stride_xm, dw_b, db_b, rows_b,
+                    _pass_start(pid, tiles, NUM_PROGS), N, K, stride_dym, stride_xm, NUM_PROGS, HAS_DB, BLOCK_M,
+                    BLOCK_N, BLOCK_K, GROUP_M, EPI_SPLIT, FLATTEN, WARP_SPEC, UPCAST_DOT)
 
     @triton.jit
     def _swiglu_store(g, u, h_desc, g_desc, u_desc, off_m, off_n):

@@ -165,9 +165,13 @@ def grouped_gemm_dx_sm90(dy, wv, wl, offsets, config: Optional[SM90Config] = Non
     return _launch_gemm(dy, wv, wl, offsets, dx, None, None, None, False, cfg)
 
 
-def grouped_wgrad_sm90(dy, x, offsets, config: Optional[SM90Config] = None, out=None):
+def grouped_wgrad_sm90(dy, x, offsets, config: Optional[SM90Config] = None, out=None, dbias=None):
     """(dwv, dwl), each [N, K] = dy_e^T @ x_e over expert e's rows; an expert without rows gets zeros.
-    fp32 accumulation in a fixed row order (deterministic, no atomics); outputs in x.dtype."""
+    fp32 accumulation in a fixed row order (deterministic, no atomics); outputs in x.dtype.
+
+    dbias: None, or a pair (dbv, dbl) of contiguous float [N] buffers (either may be None: not wanted), filled in
+    place with db_e = sum over e's rows of dy (fp32 sums of the dY tiles the kernel loads for dW, by the programs
+    of the first K tile only: each column summed once, in a fixed order), cast to the buffer's dtype."""
     check_tensor("dy", dy, dims=(2,))
     check_tensor("x", x, shape=(dy.shape[0], None), dtypes=(dy.dtype,), device=dy.device)
     _check_offsets(offsets, dy.shape[0], dy.device)
@@ -179,19 +183,50 @@ def grouped_wgrad_sm90(dy, x, offsets, config: Optional[SM90Config] = None, out=
         dwl = torch.empty((N, K), dtype=x.dtype, device=x.device)
     else:
         dwv, dwl = (_new_out(x, (N, K), o, f"out[{i}]") for i, o in enumerate(out))
+    dbs = None
+    if dbias is not None:
+        if not isinstance(dbias, (tuple, list)) or len(dbias) != 2:
+            raise TypeError("dbias must be a (dbv, dbl) pair of [N] tensors or None entries")
+        dbs = []
+        for name, b in zip(("dbias[0]", "dbias[1]"), dbias):
+            check_tensor(name, b, shape=(N,), dtypes=(torch.float32, torch.bfloat16, torch.float16),
+                         device=x.device, allow_none=True)
+            if b is not None and not b.is_contiguous():
+                raise ValueError(f"{name} must be contiguous")
+            dbs.append(b)
+        if all(b is None for b in dbs):
+            dbs = None
     if T == 0:
+        for b in dbs or ():
+            if b is not None:
+                b.zero_()
         return dwv.zero_(), dwl.zero_()
     cfg = config or (INTERP_WGRAD_CONFIGS[0] if x.device.type != "cuda" else SM90_WGRAD_CONFIGS[0])
     dy, x = _row_major(dy), _row_major(x)
     tiles = triton.cdiv(N, cfg.block_n) * triton.cdiv(K, cfg.block_k)
     grid = max(1, min(_num_programs(x.device), 2 * tiles))
     _set_scratch(x.device)
+    if dbs is not None and any(b is None or b.dtype != dbs[0 if dbs[0] is not None else 1].dtype for b in dbs):
+        # one pointer type for both: an unwanted (None) or differently typed buffer gets an fp32 scratch
+        dbs = [b if b is not None and b.dtype == torch.float32 else torch.empty(N, dtype=torch.float32,
+                                                                                 device=x.device) for b in dbs]
+        wanted = list(dbias)
+    else:
+        wanted = None
     _grouped_wgrad_sm90_kernel[(grid,)](
-        dy, x, dwv, dwl, offsets, N, K, dy.stride(0), x.stride(0), grid,
+        dy, x, dwv, dwl, dbs[0] if dbs else dwv, dbs[1] if dbs else dwv, offsets, N, K, dy.stride(0), x.stride(0),
+        grid, HAS_DB=dbs is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        EPI_SPLIT=cfg.epi_split, FLATTEN=cfg.flatten, WARP_SPEC=cfg.warp_specialize, UPCAST_DOT=interpret_mode(),
+        # dbias: no warp specialisation (Triton 3.6 / 3.9 do not split the kernel with the conditional column sum;
+        # the request would be dropped silently; saying so keeps the compiled variant and the AOT spec the same)
+        EPI_SPLIT=cfg.epi_split, FLATTEN=cfg.flatten, WARP_SPEC=cfg.warp_specialize and dbs is None,
+        UPCAST_DOT=interpret_mode(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if wanted is not None:
+        for want, got in zip(wanted, dbs):
+            if want is not None and want is not got:
+                want.copy_(got)
     return dwv, dwl
 
 

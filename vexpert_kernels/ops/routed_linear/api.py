@@ -99,10 +99,20 @@ def _tune_swiglu(x, gv, uv, gl, ul, plan, recompute) -> str:
     return tune_select("routed_swiglu", key, cands, cands["torch"], x.dtype)
 
 
+def _qkv_extra_configs(ln, x, wv, H, KV) -> dict:
+    """A registered launcher's QKV configs for this head layout; {} for a launcher without a QKV kernel."""
+    try:
+        return ln.configs("routed_qkv_rope", x, wv, num_heads=H, num_kv_heads=KV)
+    except TypeError:  # configs(op, x, w) without the head keywords: no QKV kernel there
+        return {}
+
+
 def _tune_qkv(x, wv, wl, plan, bv, bl, cos, sin, H, KV) -> str:
     T, K = x.shape
     N = wv.shape[0]
     names = ["torch"] + (list(triton_configs("routed_qkv_rope", x.device, x.dtype)) if triton_usable_for(x) else [])
+    # registered launchers (sm_90 TMA kernel: only where gemm_reason allows and its tiles fit the head layout)
+    names += [f"{ln.prefix}:{c}" for ln in _extra_candidates for c in _qkv_extra_configs(ln, x, wv, H, KV)]
     cands = _candidates(names, lambda n: _qkv_fwd_impl(x, wv, wl, plan.expert_offsets, plan.num_vision, bv, bl,
                                                        plan.perm, cos, sin, plan.batch_size, plan.seq_len, H, KV, n))
     key = make_key(x.dtype, N, K, f"qkv_rope_hd{N // (H + 2 * KV)}_h{H}_kv{KV}", bv is not None or bl is not None,

@@ -57,14 +57,15 @@ def _dw_run(name, dy, x, wv, wl, offsets, nv, dbv=None, dbl=None):
         return tuple(torch.matmul(dy[sl].t(), x[sl]) for sl in (slice(0, nv), slice(nv, T)))
     if kind != "triton":
         ln, cname = extra_launcher(f"{kind}:{cfg}")
+        db = dict(dbv=dbv, dbl=dbl) if ln.dbias and (dbv is not None or dbl is not None) else {}
         return tuple(ln.run("routed_linear_dw", ln.configs("routed_linear_dw", x, wv)[cname], dy=dy, x=x,
-                            offsets=offsets))
+                            offsets=offsets, **db))
     dwv, dwl = _out(wv, wv.shape), _out(wl, wl.shape)
     _launch_wgrad(dy, x, offsets, dwv, dwl, dbv, dbl, config=cfg)
     return dwv, dwl
 
 
-def _tune_linear_bwd(dy, x, wv, wl, offsets, nv, need_dx, need_dw, has_bias):
+def _tune_linear_bwd(dy, x, wv, wl, offsets, nv, need_dx, need_dw, need_dbv, need_dbl, bias_dtype):
     """Names of the dX and dW paths for this key (``autotune.select`` per GEMM, reference = the torch path)."""
     T, K = x.shape
     N = wv.shape[0]
@@ -79,10 +80,37 @@ def _tune_linear_bwd(dy, x, wv, wl, offsets, nv, need_dx, need_dw, has_bias):
     if need_dw:
         names = ["torch"] + (list(wgrad_configs(x.device)) if use_triton else [])
         names += [f"{ln.prefix}:{c}" for ln in _extra_candidates for c in ln.configs("routed_linear_dw", x, wv)]
-        cands = {n: (lambda n=n: _dw_run(n, dy, x, wv, wl, offsets, nv)) for n in names}
-        dwn = tune_select("routed_linear_dw", make_key(x.dtype, N, K, "dw", has_bias, False, T), cands,
+        cands = {n: (lambda n=n: _dw_tuned_run(n, dy, x, wv, wl, offsets, nv, need_dbv, need_dbl, bias_dtype))
+                 for n in names}
+        dwn = tune_select("routed_linear_dw", make_key(x.dtype, N, K, "dw", need_dbv or need_dbl, False, T), cands,
                           cands["torch"], x.dtype)
     return dxn, dwn
+
+
+def _kernel_dbias(name, need_dw=True) -> bool:
+    """Does dW path ``name`` produce the bias gradients itself (Triton wgrad; a registered launcher that fuses
+    them, e.g. sm_90) instead of a separate ``dy.sum``?"""
+    kind, cfg, _ = parse_backend(name)
+    if kind == "triton":
+        return True
+    if kind in ("torch", "grouped_mm") or not need_dw:
+        return False
+    return extra_launcher(f"{kind}:{cfg}")[0].dbias
+
+
+def _dw_tuned_run(name, dy, x, wv, wl, offsets, nv, need_dbv, need_dbl, bias_dtype):
+    """A dW candidate exactly as the backward will run it: with bias gradients, when the key has a bias, produced
+    by the same kernel variant (so the check on the user's GPU covers the fused dbias code too)."""
+    N = wv.shape[0]
+    fused = _kernel_dbias(name)
+    bd = bias_dtype or torch.float32
+    dbv = _out(x, N, dtype=bd) if (fused and need_dbv) else None
+    dbl = _out(x, N, dtype=bd) if (fused and need_dbl) else None
+    dw = tuple(_dw_run(name, dy, x, wv, wl, offsets, nv, dbv, dbl))
+    if not fused:
+        dbv = dy[:nv].sum(0, dtype=torch.float32) if need_dbv else None
+        dbl = dy[nv:].sum(0, dtype=torch.float32) if need_dbl else None
+    return dw + tuple(t.float() for t in (dbv, dbl) if t is not None)
 
 
 def _linear_bwd_impl(dy, x, wv, wl, offsets, nv, need_dx, need_dw, need_dbv, need_dbl, backend,
@@ -92,21 +120,23 @@ def _linear_bwd_impl(dy, x, wv, wl, offsets, nv, need_dx, need_dw, need_dbv, nee
     if not tune and kind != "triton":
         return _torch_linear_bwd(dy, x, wv, wl, nv, need_dx, need_dw, need_dbv, need_dbl)
     if tune:
-        dxn, dwn = _tune_linear_bwd(dy, x, wv, wl, offsets, nv, need_dx, need_dw, need_dbv or need_dbl)
+        dxn, dwn = _tune_linear_bwd(dy, x, wv, wl, offsets, nv, need_dx, need_dw, need_dbv, need_dbl, bias_dtype)
     else:
         dxn = dwn = "triton"  # explicit backend="triton": the table's configs
     N = wv.shape[0]
     dx = _dx_run(dxn, dy, wv, wl, offsets, nv) if need_dx else None
     dwv = dwl = dbv = dbl = None
     triton_db = parse_backend(dwn)[0] == "triton"
-    if triton_db:
+    # a registered dW launcher that fuses dbias (sm_90: column sums of the dY tiles it loads) fills dbv / dbl
+    kernel_db = _kernel_dbias(dwn, need_dw)
+    if kernel_db:
         dbv = _out(x, N, dtype=bias_dtype or torch.float32) if need_dbv else None
         dbl = _out(x, N, dtype=bias_dtype or torch.float32) if need_dbl else None
     if need_dw:
         dwv, dwl = _dw_run(dwn, dy, x, wv, wl, offsets, nv, dbv, dbl)
     elif triton_db:
         _launch_wgrad(dy, x, offsets, None, None, dbv, dbl)
-    if not triton_db:
+    if not kernel_db:
         dbv = dy[:nv].sum(0, dtype=torch.float32) if need_dbv else None
         dbl = dy[nv:].sum(0, dtype=torch.float32) if need_dbl else None
     return dx, dwv, dwl, dbv, dbl
@@ -170,6 +200,12 @@ def _swiglu_dgu_bwd(dgu, x, gv, uv, gl, ul, offsets, nv, need_dx, need_dw, backe
 def _qkv_fwd_impl(x, wv, wl, offsets, nv, bv, bl, perm, cos, sin, B, L, H, KV, backend):
     hd = wv.shape[0] // (H + 2 * KV)
     kind, cfg, _ = parse_backend(backend)
+    ext = extra_launcher(f"{kind}:{cfg}") if kind not in ("triton", "torch", "grouped_mm") else None
+    if ext is not None:  # a registered launcher ("<prefix>:<config>"), e.g. the sm_90 TMA kernel
+        ln, name = ext
+        c = ln.configs("routed_qkv_rope", x, wv, num_heads=H, num_kv_heads=KV)[name]
+        return tuple(ln.run("routed_qkv_rope", c, x=x, wv=wv, wl=wl, offsets=offsets, bv=bv, bl=bl, perm=perm,
+                            cos=cos.contiguous(), sin=sin.contiguous(), B=B, L=L, H=H, KV=KV))
     if kind != "triton":
         qkv = _torch_linear_fwd(x, wv, wl, nv, bv, bl, None)
         qkv = _rope_rows(qkv, cos, sin, H + KV, hd)
@@ -187,7 +223,8 @@ def _qkv_fwd_impl(x, wv, wl, offsets, nv, bv, bl, perm, cos, sin, B, L, H, KV, b
 def _qkv_bwd_impl(dq, dk, dv, x, wv, wl, offsets, nv, perm, cos, sin, need_dx, need_dw, need_dbv, need_dbl,
                   backend, bias_dtype):
     H, KV, hd = dq.shape[1], dk.shape[1], dq.shape[3]
-    if parse_backend(backend)[0] == "triton":  # one pass: gather to routed rows + inverse rotation into one [T, N] buffer
+    if parse_backend(backend)[0] != "torch" and triton_usable_for(x):
+        # one pass: gather to routed rows + inverse rotation into one [T, N] buffer (Triton, sm_90 and tuned paths)
         dqkv = _out(x, x.shape[0], wv.shape[0])
         _launch_qkv_bwd_gather(dq, dk, dv, perm, cos, sin, dqkv)
     else:

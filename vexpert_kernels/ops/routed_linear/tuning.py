@@ -36,18 +36,19 @@ class ExtraLauncher:
     (dy, wv, wl, offsets) and returns [T, K]; ``"routed_linear_dw"`` gets (dy, x, offsets) and returns (dWv, dWl);
     ``"routed_swiglu_mlp_dx"`` gets (dy [T, D], wv/wl [D, I] down weights, gu [T, 2I], offsets) and returns
     dgu [T, 2I] (the SwiGLU backward in the down projection's dX epilogue).
+    ``"routed_qkv_rope"``: configs(op, x, w, num_heads=, num_kv_heads=); run gets (x, wv, wl, offsets, bv, bl,
+    perm, cos, sin, B, L, H, KV) and returns (q, k, v) (see ``custom_ops._qkv_fwd_impl``).
+    dbias: run("routed_linear_dw") also takes ``dbv`` / ``dbl`` ([N] buffers or None) and fills them with the
+    per-expert column sums of dY (the caller then skips its own ``dy.sum``).
     """
     prefix: str
-    configs: Callable[[str, torch.Tensor, torch.Tensor], dict]
+    configs: Callable[..., dict]
     run: Callable[..., Any]
+    dbias: bool = False
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# INTEGRATOR: register other launchers here (one line each), e.g. the Hopper TMA kernels of ops/gemm_sm90.py:
-#     _extra_candidates.append(_sm90_launcher())
-# _register_sm90() below does exactly that when ops/gemm_sm90.py exists; check its run() matches that module's API.
+# Registered launchers whose configs join the candidates of every tuned GEMM (the sm_90 TMA kernels register below).
 _extra_candidates: list = []
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 def _register_sm90() -> None:
@@ -56,17 +57,22 @@ def _register_sm90() -> None:
     except Exception:  # not merged yet / not importable here: nothing to add
         return
 
-    def configs(op, x, w):
+    def configs(op, x, w, **heads):
         # dX ops get (dy [T, N], w [N, K]): the reason check wants the [T, N] @ [K, N]^T view
         if m.sm90_unsupported_reason(x, w.t() if op in ("routed_linear_dx", DSWIGLU_DX) else w) is not None:
             return {}
-        cfgs = m.SM90_CONFIGS
-        if op == DSWIGLU_DX:
-            cfgs = getattr(m.configs, "SM90_DSWIGLU_CONFIGS", None)
-            if cfgs is None:
-                return {}
-        items = cfgs.items() if isinstance(cfgs, dict) else ((str(i), c) for i, c in enumerate(cfgs))
-        return {str(getattr(c, "name", k)): c for k, c in items}
+        if op == "routed_qkv_rope":  # the configs whose tiles fit this head layout (1 or 2 whole heads)
+            from ..gemm_sm90.qkv import qkv_sm90_configs, qkv_sm90_reason
+            return {c.name: c for c in qkv_sm90_configs(x.device)
+                    if qkv_sm90_reason(x, w, heads["num_heads"], heads["num_kv_heads"], c) is None}
+        cuda = x.device.type == "cuda"  # CPU (interpreter): its tiny tiles
+        if op == "routed_linear_dw":
+            cfgs = m.SM90_WGRAD_CONFIGS if cuda else m.INTERP_WGRAD_CONFIGS
+        elif op == DSWIGLU_DX:
+            cfgs = m.configs.SM90_DSWIGLU_CONFIGS if cuda else m.INTERP_CONFIGS
+        else:
+            cfgs = m.SM90_CONFIGS if cuda else m.INTERP_CONFIGS
+        return {c.name: c for c in cfgs}
 
     def run(op, config, **t):
         if op == "routed_linear":
@@ -75,12 +81,19 @@ def _register_sm90() -> None:
         if op == "routed_linear_dx":
             return m.grouped_gemm_dx_sm90(t["dy"], t["wv"], t["wl"], t["offsets"], config=config)
         if op == "routed_linear_dw":
-            return m.grouped_wgrad_sm90(t["dy"], t["x"], t["offsets"], config=config)
+            dbias = (t.get("dbv"), t.get("dbl"))
+            return m.grouped_wgrad_sm90(t["dy"], t["x"], t["offsets"], config=config,
+                                        dbias=dbias if any(b is not None for b in dbias) else None)
         if op == DSWIGLU_DX:  # down projection's dX + SwiGLU backward epilogue -> dgu [T, 2I]
             return m.launch.grouped_dx_dswiglu_sm90(t["dy"], t["wv"], t["wl"], t["gu"], t["offsets"], config=config)
+        if op == "routed_qkv_rope":
+            from ..gemm_sm90.qkv import grouped_qkv_rope_sm90
+            return grouped_qkv_rope_sm90(t["x"], t["wv"], t["wl"], t["offsets"], t["perm"], t["cos"], t["sin"],
+                                         batch_size=t["B"], seq_len=t["L"], num_heads=t["H"], num_kv_heads=t["KV"],
+                                         bias_v=t["bv"], bias_l=t["bl"], config=config)
         raise ValueError(f"sm90 launcher has no {op}")
 
-    _extra_candidates.append(ExtraLauncher("sm90", configs, run))
+    _extra_candidates.append(ExtraLauncher("sm90", configs, run, dbias=True))
 
 
 _register_sm90()
