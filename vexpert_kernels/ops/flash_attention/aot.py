@@ -74,8 +74,10 @@ def build_aot_specs() -> list:
                             consts = dict(ce, BLOCK_M=bm, BLOCK_N=bn)
                             if fused is not None:
                                 consts["FUSED_DQ"] = fused
-                            if kname == "fwd":
+                            if kname in ("fwd", "dkdv"):
                                 consts["USE_TMA"] = use_tma
+                            if kname == "dkdv":
+                                consts["DQ_REDUCE"] = use_tma and bool(fused)
                             for n in consts:
                                 sig[n] = "constexpr"
                             sig = {n: sig[n] for n in fn.arg_names}  # ASTSource wants the kernel's argument order
