@@ -29,6 +29,8 @@ allow larger dK/dV tiles (today 16 queries x 128 keys on sm_90, 32 x 64 on sm_80
 from __future__ import annotations
 
 from .api import MAX_HEAD_DIM, SUPPORTED_DTYPES, flash_attention  # noqa: F401
-from .configs import _GPU_CONFIGS, _INTERPRET_CONFIG, _PREPROCESS_CONFIG, _configs_for, fwd_tune_configs  # noqa: F401
+from .configs import (_GPU_CONFIGS, _INTERPRET_CONFIG, _PREPROCESS_CONFIG, _configs_for, bwd_tune_configs,  # noqa: F401
+                      fwd_tune_configs)
+from .launch import bwd_tma_usable  # noqa: F401
 from .launch import tma_usable  # noqa: F401
 from .masks import canonical_span_ids, span_bounds  # noqa: F401

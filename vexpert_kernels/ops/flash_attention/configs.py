@@ -105,3 +105,38 @@ def fwd_tune_configs(device: torch.device, block_d: int, masked: bool, varlen: b
     if tma and torch.cuda.get_device_capability(device)[0] >= 9:
         out += list(_TMA_FWD_CONFIGS[bool(masked or varlen)])
     return out
+
+
+# sm_90 backward with 64-query dK/dV steps (issue: the table's 16-query steps at hd 128): tuning candidates for the
+# dK/dV kernel -- the one-pass "dkdv_fused" (fp32 atomic / TMA-reduced dQ) and, with ``deterministic``, the
+# two-kernel split's dK/dV -- each (BLOCK_M, BLOCK_N, warps, stages[, USE_TMA=1]); never the untuned default.
+# 64 keys per program over 8 warps: the [BLOCK_N, D] fp32 dK/dV accumulators take 64 registers at hd 128 (the
+# 128-key tile needs 128 and spilled 24-56 B even with TMA). At hd 128 only the TMA variant fits: descriptors drop
+# the [64, 128] Q/dO address tensors and the row/key validity predicates (TMA zero-fills rows past the sequence),
+# and dQ is reduced by TMA (no per-element atomic addresses); the pointer kernel at 64x64 w8s2 spilled 280-304 B
+# (one-pass) and 88-120 B (deterministic) under Triton 3.9. Measured with the compile report (sm_90a, bf16,
+# 16-divisible strides), registers (no spills, all with wgmma; TMA for ",tma") under Triton 3.9 / 3.6:
+#   hd 64  64x64 w8s2      one-pass 250/?  deterministic 232/?   (causal; padded/varlen bidirectional, routed <= 254)
+#   hd 64  64x64 w8s2 tma  one-pass 183/?  deterministic 174/?   (masked variants <= 197)
+#   hd 128 64x64 w8s2 tma  one-pass 244/?  deterministic 235/?   (routed 252/230)
+# Keyed by (head-dim bucket, masked).
+_BWD64_CONFIGS = {
+    (64, False): ((64, 64, 8, 2), (64, 64, 8, 2, 1)),
+    (64, True): ((64, 64, 8, 2), (64, 64, 8, 2, 1)),
+    (128, False): ((64, 64, 8, 2, 1),),
+    (128, True): ((64, 64, 8, 2, 1),),
+}
+# the subset that also compiles spill-free as the deterministic split's dK/dV kernel
+_BWD64_DET_OK = dict(_BWD64_CONFIGS)
+
+
+def bwd_tune_configs(device: torch.device, block_d: int, masked: bool, varlen: bool = False,
+                     deterministic: bool = False, tma: bool = False) -> list:
+    """dK/dV kernel (BLOCK_M, BLOCK_N, num_warps, num_stages[, USE_TMA]) candidates for tuning the backward: the
+    table's choice first; on sm_90 the 64-query tiles (``tma``: the tensors allow TMA, launch.bwd_tma_usable)."""
+    first = tuple(_configs_for(device, block_d, masked, varlen)["dkdv" if deterministic else "dkdv_fused"])
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        return [first]
+    key = (_d_bucket(block_d), bool(masked or varlen))
+    pool = (_BWD64_DET_OK if deterministic else _BWD64_CONFIGS)[key]
+    return [first] + [c for c in pool if c != first and (tma or len(c) == 4)]

@@ -1,0 +1,195 @@
+"""The backward's 64-query dK/dV steps and its TMA variant (K/V, Q and dO through device-side tensor descriptors,
+dQ by TMA reductions on a GPU): numerics of forced backward tiles (``flash_attention(..., bwd_config=...)``)
+through the Triton interpreter vs float64 (dq, dk, dv; causal with Lk > Lq, GQA, padding on both sides,
+bidirectional image spans, varlen with an empty sequence, routed order, odd lengths), the sm_90 tuning candidates,
+and the AOT compile of every new sm_90a config (no spills, wgmma, TMA where claimed) under the installed Triton.
+On a GPU machine the same numerics run compiled (bf16; TMA cases on sm_90 only)."""
+import os
+
+import pytest
+import torch
+
+from vexpert_kernels._triton_compat import HAS_TRITON, triton
+from vexpert_kernels.ops import mixed_attention, mixed_attention_varlen
+from vexpert_kernels.ops.flash_attention import configs as fa_configs
+from vexpert_kernels.ops.flash_attention import flash_attention
+from vexpert_kernels.ops.flash_attention import launch as fa_launch
+from vexpert_kernels.testing import rel_err
+from conftest import DEVICE, HAS_CUDA
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+
+
+def _triton_version():
+    return tuple(int(x) for x in triton.__version__.split(".")[:2]) if HAS_TRITON else (0, 0)
+
+
+def _tma_runnable():
+    if not HAS_TRITON or not hasattr(triton, "set_allocator"):
+        return False
+    if HAS_CUDA:
+        return torch.cuda.get_device_capability()[0] == 9 and hasattr(triton.language, "make_tensor_descriptor")
+    return _triton_version() >= (3, 9)
+
+
+needs_tma = pytest.mark.skipif(not _tma_runnable(), reason="TMA backward needs sm_90 on CUDA; the Triton "
+                               "interpreter runs tensor descriptors from 3.9 on")
+DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
+TOL = 1e-5 if DTYPE == torch.float32 else 2e-2
+# the interpreter runs small tiles (several query steps and key tiles per program); the real 64-query tiles run
+# once with longer sequences
+SMALL = {"ptr": (16, 16, 4, 1), "tma": (16, 16, 4, 1, 1)}
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(fa_launch, "_POISON_OUTPUTS", True)
+
+
+def _leaf(*shape, g):
+    return torch.randn(*shape, generator=g).to(DEVICE, DTYPE).requires_grad_()
+
+
+def _case(case, g, Lq=19, Lk=27, hd=16):
+    """(q, k, v, flash kwargs, reference fn(qd, kd, vd) -> out) for one mask case."""
+    B, H, KV = 2, 4, 2
+    if case == "varlen_bidir":
+        cu = torch.tensor([0, 9, 9, Lq + 7], device=DEVICE)  # an empty sequence in the middle, odd lengths
+        T = Lq + 7
+        mx = max(9, T - 9)
+        q, k, v = _leaf(T, H, hd, g=g), _leaf(T, KV, hd, g=g), _leaf(T, KV, hd, g=g)
+        span = torch.zeros(T, dtype=torch.int32, device=DEVICE)
+        span[2:6] = 1
+        span[12:20] = 1
+        kw = dict(image_span_ids=span, bidirectional=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=mx,
+                  max_seqlen_k=mx)
+
+        def ref(qd, kd, vd):
+            return mixed_attention_varlen(qd, kd, vd, cu, cu, mx, mx, image_span_ids=span,
+                                          image_attention="bidirectional", backend="math")
+        return q, k, v, kw, ref
+    q, k, v = _leaf(B, H, Lq, hd, g=g), _leaf(B, KV, Lk, hd, g=g), _leaf(B, KV, Lk, hd, g=g)
+    kw, mkw = {}, {}
+    if case in ("padded_bidir", "padded_bidir_routed"):
+        kpm = torch.ones(B, Lk, dtype=torch.bool, device=DEVICE)
+        kpm[0, :5] = False    # left padding
+        kpm[1, -6:] = False   # right padding
+        span = torch.zeros(B, Lq, dtype=torch.int32, device=DEVICE)
+        span[0, 3:9] = 1
+        span[1, 10:16] = 2
+        kw = dict(key_padding_mask=kpm, image_span_ids=span, bidirectional=True)
+        mkw = dict(key_padding_mask=kpm, image_span_ids=span, image_attention="bidirectional")
+    if case.endswith("routed"):
+        perm = torch.randperm(B * Lq, generator=g).to(DEVICE).view(B, Lq)
+        kw["out_index"] = perm
+        mkw["out_index"] = perm
+
+    def ref(qd, kd, vd):
+        return mixed_attention(qd, kd, vd, backend="math", **mkw)
+    return q, k, v, kw, ref
+
+
+def _check_grads(case, cfg, deterministic, g, **shape):
+    q, k, v, kw, ref = _case(case, g, **shape)
+    out, _ = flash_attention(q, k, v, bwd_config=cfg, deterministic=deterministic, **kw)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want_out = ref(qd, kd, vd)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    got = torch.autograd.grad((out.double() * w).sum(), (q, k, v))
+    want = torch.autograd.grad((want_out * w).sum(), (qd, kd, vd))
+    for name, a, b in zip("qkv", got, want):
+        assert rel_err(a, b) < (TOL if DTYPE == torch.float32 else 4 * TOL), f"d{name} {case} {cfg}"
+
+
+CASES = ["causal_gqa_offset", "padded_bidir", "varlen_bidir", "padded_bidir_routed"]
+
+
+@needs_tma
+@pytest.mark.parametrize("deterministic", [False, True], ids=["onepass", "deterministic"])
+@pytest.mark.parametrize("case", CASES)
+def test_tma_backward_matches_float64(case, deterministic):
+    if HAS_CUDA:
+        cfg = (64, 64, 8, 2, 1)
+    else:
+        cfg = SMALL["tma"]
+    _check_grads(case, cfg, deterministic, torch.Generator().manual_seed(11))
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["onepass", "deterministic"])
+@pytest.mark.parametrize("case", ["causal_gqa_offset", "padded_bidir"])
+def test_forced_pointer_backward_tile_matches_float64(case, deterministic):
+    cfg = (64, 64, 8, 2) if HAS_CUDA else SMALL["ptr"]
+    _check_grads(case, cfg, deterministic, torch.Generator().manual_seed(12))
+
+
+@needs_tma
+@pytest.mark.parametrize("case", ["causal_gqa_offset", "padded_bidir"])
+def test_real_64_query_tma_tile_matches_float64(case):
+    """The sm_90 tile itself (64 queries x 64 keys): two query steps and two key tiles per (batch row, kv head)."""
+    _check_grads(case, (64, 64, 8, 2, 1), False, torch.Generator().manual_seed(13), Lq=70, Lk=75)
+
+
+def test_bad_bwd_config_names_tma():
+    g = torch.Generator().manual_seed(14)
+    q = _leaf(1, 2, 8, 80, g=g)  # head dim 80 is not its own tile: no descriptors
+    out, _ = flash_attention(q, q, q, bwd_config=(16, 16, 4, 1, 1))
+    with pytest.raises(ValueError, match="TMA backward"):
+        out.sum().backward()
+
+
+def test_bwd_tune_configs_offer_64_query_tiles_on_sm90_only(monkeypatch):
+    dev = torch.device("cuda")
+    for major in (9, 8):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
+        for bd in (64, 128):
+            for masked in (False, True):
+                for det in (False, True):
+                    cands = fa_configs.bwd_tune_configs(dev, bd, masked, False, det, tma=True)
+                    table = fa_configs._configs_for(dev, bd, masked)["dkdv" if det else "dkdv_fused"]
+                    assert cands[0] == tuple(table)  # the table's tile first
+                    assert len(set(cands)) == len(cands)
+                    has64 = any(c[0] == 64 for c in cands)
+                    assert has64 == (major == 9), (major, bd, masked, det, cands)
+                    assert all(len(c) == 4 for c in fa_configs.bwd_tune_configs(dev, bd, masked, False, det))
+    assert fa_configs.bwd_tune_configs(torch.device("cpu"), 128, False, False, False) == \
+        [fa_configs._INTERPRET_CONFIG["dkdv_fused"]]
+
+
+# ------------------------------------------------------------------------------------------------ AOT compile
+def _new_specs():
+    from vexpert_kernels.ops.flash_attention.aot import build_aot_specs
+
+    return [s for s in build_aot_specs() if s.name.startswith("flash_attn_dkdv") and ",64x" in s.name
+            and s.targets == (90,)]
+
+
+def test_every_64_query_config_has_an_sm90_spec():
+    names = [s.name for s in _new_specs()]
+    for cc_major in (9,):
+        for d in (64, 128):
+            for masked in (False, True):
+                for det in (False, True):
+                    for c in fa_configs._BWD64_CONFIGS[(d, masked)]:
+                        if det and c not in fa_configs._BWD64_DET_OK[(d, masked)]:
+                            continue
+                        tag = f"{c[0]}x{c[1]},w{c[2]}s{c[3]}" + (",tma" if len(c) == 5 and c[4] else "")
+                        kname = "flash_attn_dkdv_det[" if det else "flash_attn_dkdv["
+                        assert any(n.startswith(kname) and n.endswith(tag + "]") for n in names), (kname, tag)
+
+
+@pytest.mark.slow
+def test_64_query_configs_compile_for_sm90a_without_spills():
+    """Every new sm_90a spec: compiles, no spill, wgmma, TMA where the spec says so (the package-wide compile test
+    covers them too; this one names the new configs and checks wgmma)."""
+    from vexpert_kernels import compile_report as cr
+
+    specs = _new_specs()
+    assert specs
+    mod = "vexpert_kernels.ops.flash_attention.kernels"
+    from vexpert_kernels.ops.flash_attention.kernels import aot_compile_specs
+
+    index = {s.name: i for i, s in enumerate(aot_compile_specs())}
+    jobs = [(mod, index[s.name], 90) for s in specs]
+    results = cr.run_jobs(jobs, n_procs=min(2, os.cpu_count() or 1))
+    bad = [f"{r.name}: {r.problems() or 'no wgmma'}" for r in results if r.problems() or not r.wgmma]
+    assert not bad, bad
