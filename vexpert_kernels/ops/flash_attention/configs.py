@@ -128,15 +128,19 @@ _BWD64_CONFIGS = {
 }
 # the subset that also compiles spill-free as the deterministic split's dK/dV kernel
 _BWD64_DET_OK = dict(_BWD64_CONFIGS)
+# (head-dim bucket, masked, deterministic) -> tiles that spill with dO in routed order (not offered there)
+_BWD64_NOT_ROUTED = {}
 
 
 def bwd_tune_configs(device: torch.device, block_d: int, masked: bool, varlen: bool = False,
-                     deterministic: bool = False, tma: bool = False) -> list:
+                     deterministic: bool = False, tma: bool = False, routed: bool = False) -> list:
     """dK/dV kernel (BLOCK_M, BLOCK_N, num_warps, num_stages[, USE_TMA]) candidates for tuning the backward: the
-    table's choice first; on sm_90 the 64-query tiles (``tma``: the tensors allow TMA, launch.bwd_tma_usable)."""
+    table's choice first; on sm_90 the 64-query tiles (``tma``: the tensors allow TMA, launch.bwd_tma_usable;
+    ``routed``: dO in routed order -- the tiles that spill there are left out)."""
     first = tuple(_configs_for(device, block_d, masked, varlen)["dkdv" if deterministic else "dkdv_fused"])
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
         return [first]
     key = (_d_bucket(block_d), bool(masked or varlen))
     pool = (_BWD64_DET_OK if deterministic else _BWD64_CONFIGS)[key]
-    return [first] + [c for c in pool if c != first and (tma or len(c) == 4)]
+    skip = _BWD64_NOT_ROUTED.get(key + (bool(deterministic),), ()) if routed else ()
+    return [first] + [c for c in pool if c != first and (tma or len(c) == 4) and c not in skip]

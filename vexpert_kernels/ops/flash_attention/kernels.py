@@ -171,7 +171,7 @@ if HAS_TRITON:
         return dq + _dot(ds.to(k.dtype), k, UPCAST, PREC)
 
     @triton.jit
-    def _dkdv_tile(dk, dv, k, v, kkeep, ks, start_m, offs_m0, offs_n, n_valid, offs_d, d_valid, len_q, offset, q_ptr,
+    def _dkdv_tile(dk, dv, k, v, kkeep, ks, kpos, start_m, offs_m0, offs_n, n_valid, offs_d, d_valid, len_q, offset, q_ptr,
                    do_ptr, l_off, LSE, DELTA, stride_ql, stride_ol, stride_ll, span_b, qk_scale, oidx_b, T_OUT,
                    dq_ptr, MASKED: tl.constexpr, HAS_KPM: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
                    PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_OIDX: tl.constexpr,
@@ -218,17 +218,20 @@ if HAS_TRITON:
                 # rows past len_q (zero Q and dO rows from TMA, lse = delta = 0) and keys past len_k (zero K/V rows)
                 # contribute exactly 0 to dK/dV (dQ rows past len_q are dropped): causality, spans and padding
                 # only, no row/key validity predicates
-                ok = (offs_n - offset)[:, None] <= offs_m[None, :]
+                # kpos: key positions in query coordinates, padded keys moved past every query, and ks: span ids,
+                # 0 on padded keys -- padding folded into [BLOCK_N] vectors, no third [BLOCK_N, BLOCK_M] predicate
+                ok = kpos[:, None] <= offs_m[None, :]
                 if BIDIR:
                     qs = tl.load(span_b + offs_m, mask=m_valid, other=0)  # 0 past len_q, as ks past len_k
-                    ok = ok | ((ks[:, None] == qs[None, :]) & (qs != 0)[None, :])
+                    qs = tl.where(qs != 0, qs, -1)  # a text query matches no key's span id (text keys have 0)
+                    ok = ok | (ks[:, None] == qs[None, :])
             else:
                 ok = (offs_n[:, None] <= (offset + offs_m)[None, :]) & n_valid[:, None] & m_valid[None, :]
                 if BIDIR:
                     qs = tl.load(span_b + offs_m, mask=m_valid, other=0)
                     ok = ok | ((ks[:, None] == qs[None, :]) & (qs[None, :] != 0) & n_valid[:, None] &
                                m_valid[None, :])
-            if HAS_KPM:
+            if HAS_KPM and not USE_TMA:
                 ok = ok & kkeep[:, None]
             pT = tl.where(ok, pT, 0.0)
         elif HAS_KPM:
@@ -442,6 +445,10 @@ if HAS_TRITON:
         ks = offs_n * 0
         if BIDIR:
             ks = tl.load(span_b + offs_n - offset, mask=n_valid & (offs_n >= offset), other=0)
+        kpos = offs_n - offset
+        if USE_TMA and HAS_KPM:  # see _dkdv_tile: padding folded into the key vectors
+            kpos = tl.where(kkeep, kpos, 1 << 30)
+            ks = tl.where(kkeep, ks, 0)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         oidx_b = OIDX + b64 * stride_ib + q_start
@@ -466,20 +473,21 @@ if HAS_TRITON:
             # query tiles [m_a, m_b) are whole tiles whose every row sees every key of this tile causally: no
             # causal/span mask and no row masks there; the ragged ends run masked
             for start_m in range(m_lo, m_a, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, kkeep, ks, start_m, offs_m0, offs_n, n_valid, offs_d, d_valid,
+                dk, dv = _dkdv_tile(dk, dv, k, v, kkeep, ks, kpos, start_m, offs_m0, offs_n, n_valid, offs_d, d_valid,
                                     len_q, offset, q_ptr, do_ptr, l_off, LSE, DELTA, stride_ql, stride_ol, stride_ll,
                                     span_b, qk_scale, oidx_b, T_OUT, dq_ptr, True, HAS_KPM, BIDIR, UPCAST, PREC,
                                     HEAD_DIM, BLOCK_D, HAS_OIDX, FUSED_DQ, USE_TMA, DQ_REDUCE)
             for start_m in range(m_a, m_b, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, kkeep, ks, start_m, offs_m0, offs_n, n_valid, offs_d, d_valid,
+                dk, dv = _dkdv_tile(dk, dv, k, v, kkeep, ks, kpos, start_m, offs_m0, offs_n, n_valid, offs_d, d_valid,
                                     len_q, offset, q_ptr, do_ptr, l_off, LSE, DELTA, stride_ql, stride_ol, stride_ll,
                                     span_b, qk_scale, oidx_b, T_OUT, dq_ptr, False, HAS_KPM, BIDIR, UPCAST, PREC,
                                     HEAD_DIM, BLOCK_D, HAS_OIDX, FUSED_DQ, USE_TMA, DQ_REDUCE)
-            for start_m in range(m_b, m_hi, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, kkeep, ks, start_m, offs_m0, offs_n, n_valid, offs_d, d_valid,
-                                    len_q, offset, q_ptr, do_ptr, l_off, LSE, DELTA, stride_ql, stride_ol, stride_ll,
-                                    span_b, qk_scale, oidx_b, T_OUT, dq_ptr, True, HAS_KPM, BIDIR, UPCAST, PREC,
-                                    HEAD_DIM, BLOCK_D, HAS_OIDX, FUSED_DQ, USE_TMA, DQ_REDUCE)
+            if not USE_TMA:  # (TMA: the ragged last tile runs unmasked above, m_b == m_hi)
+                for start_m in range(m_b, m_hi, BLOCK_M):
+                    dk, dv = _dkdv_tile(dk, dv, k, v, kkeep, ks, kpos, start_m, offs_m0, offs_n, n_valid, offs_d,
+                                        d_valid, len_q, offset, q_ptr, do_ptr, l_off, LSE, DELTA, stride_ql, stride_ol,
+                                        stride_ll, span_b, qk_scale, oidx_b, T_OUT, dq_ptr, True, HAS_KPM, BIDIR,
+                                        UPCAST, PREC, HEAD_DIM, BLOCK_D, HAS_OIDX, FUSED_DQ, USE_TMA, DQ_REDUCE)
         dk = dk * sm_scale
         tl.store(DK + k_off + offs_n[:, None] * stride_kl + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nd_mask)
         tl.store(DV + v_off + offs_n[:, None] * stride_vl + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd_mask)

@@ -11,6 +11,7 @@ if HAS_TRITON:  # the package imports (and uses the PyTorch backends) without Tr
 from .masks import _kv_range, _varlen_span_bounds, canonical_span_ids, span_bounds
 
 LOG2E = 1.4426950408889634
+BWD_AUTO = [0]  # bwd_cfg sentinel of flash_attention(..., bwd_config="auto"): tune the backward (see bwd_tuning)
 # Tests set this to fill every output with NaN before launch, so elements a kernel fails to write show up.
 _POISON_OUTPUTS = False
 
@@ -164,6 +165,15 @@ def _bwd_impl(do, q, k, v, out, lse, dlse, kpm, span, cu_q, cu_k, max_q, max_k, 
     ``configs.bwd_tune_configs``; USE_TMA=1 reads K/V, Q and dO through tensor descriptors (sm_90, and the Triton
     >= 3.9 interpreter) and, on a GPU, adds the one-pass dQ by TMA reductions."""
     require_triton("the triton attention backend")
+    if bwd_cfg is not None and list(bwd_cfg) == BWD_AUTO:
+        if q.is_cuda and not interpret_mode() and q.numel() and k.numel():  # tune (or reuse the decision)
+            from .bwd_tuning import select_bwd
+
+            return select_bwd(do, q, k, v, out, lse, dlse, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale,
+                              bidir, oidx, deterministic,
+                              lambda cfg: _bwd_impl(do, q, k, v, out, lse, dlse, kpm, span, cu_q, cu_k, max_q, max_k,
+                                                    softmax_scale, bidir, oidx, deterministic, cfg))
+        bwd_cfg = None  # the interpreter: the table's tile
     pr = _Prepared(q, k, kpm, span, cu_q, cu_k, max_q, max_k, bidir, oidx)
     hd = q.shape[-1]
     do = do.contiguous()
