@@ -115,6 +115,29 @@ def test_tma_backward_matches_float64(case, deterministic):
     _check_grads(case, cfg, deterministic, torch.Generator().manual_seed(11))
 
 
+def _descriptor_reduce(self, kind, desc, value, indices):
+    """Stand-in for the TMA reduction (cp.reduce.async.bulk.tensor.add) the 3.9 interpreter lacks: an fp32 atomic
+    add over the descriptor's in-bounds elements (out-of-bounds rows/columns dropped, as TMA does)."""
+    from triton._C.libtriton import ir
+
+    assert kind == ir.DESCRIPTOR_REDUCE_KIND.ADD
+    ptrs, mask = desc.materialize_pointers(indices)
+    return self.create_atomic_rmw(ir.ATOMIC_OP.FADD, ptrs, value, mask, ir.MEM_SEMANTIC.RELAXED,
+                                  ir.MEM_SYNC_SCOPE.GPU)
+
+
+@needs_tma
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU runs the real TMA reduction in test_tma_backward_matches_float64")
+@pytest.mark.parametrize("case", ["causal_gqa_offset", "varlen_bidir", "padded_bidir_routed"])
+def test_tma_dq_reduction_path_matches_float64(case, monkeypatch):
+    """The one-pass TMA backward's dQ by descriptor reductions (DQ_REDUCE, the GPU path) through the interpreter."""
+    from triton.runtime import interpreter
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_descriptor_reduce", _descriptor_reduce, raising=False)
+    monkeypatch.setattr(fa_launch, "_DQ_REDUCE_OFF_GPU", True)
+    _check_grads(case, SMALL["tma"], False, torch.Generator().manual_seed(17))
+
+
 @pytest.mark.parametrize("deterministic", [False, True], ids=["onepass", "deterministic"])
 @pytest.mark.parametrize("case", ["causal_gqa_offset", "padded_bidir"])
 def test_forced_pointer_backward_tile_matches_float64(case, deterministic):

@@ -14,6 +14,9 @@ LOG2E = 1.4426950408889634
 BWD_AUTO = [0]  # bwd_cfg sentinel of flash_attention(..., bwd_config="auto"): tune the backward (see bwd_tuning)
 # Tests set this to fill every output with NaN before launch, so elements a kernel fails to write show up.
 _POISON_OUTPUTS = False
+# Tests set this (with a stand-in for the descriptor reduction the Triton interpreter lacks) to run the TMA
+# backward's dQ-by-TMA-reduction path through the interpreter; off a GPU it is off by default.
+_DQ_REDUCE_OFF_GPU = False
 
 
 def _new_like(t, shape=None, dtype=None):
@@ -213,7 +216,7 @@ def _bwd_impl(do, q, k, v, out, lse, dlse, kpm, span, cu_q, cu_k, max_q, max_k, 
         q, k, v, do, dk, dv, dq, lse, delta, pr.cu_q, pr.cu_k, pr.kv_lo, pr.kv_hi, pr.kpm, pr.span, pr.span_start,
         pr.oidx, *common, pr.KV, pr.LQ, pr.LK, pr.t_out, softmax_scale * LOG2E, softmax_scale,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, FUSED_DQ=fused, USE_TMA=use_tma,
-        DQ_REDUCE=use_tma and fused and not ce["UPCAST"], **ce)
+        DQ_REDUCE=use_tma and fused and (not ce["UPCAST"] or _DQ_REDUCE_OFF_GPU), **ce)
     if fused:
         return (dq * softmax_scale).to(q.dtype), dk, dv
     bm, bn, nw, ns = cfg["dq"]
