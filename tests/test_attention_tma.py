@@ -138,4 +138,9 @@ def test_tma_specs_are_compiled_for_sm90():
 
     tma = [s for s in aot_compile_specs() if s.expects_tma]
     assert tma and all(s.targets == (90,) and s.constexprs["USE_TMA"] for s in tma)
-    assert {s.name.split(",")[1] for s in tma} == {"causal", "padded_bidir", "varlen_bidir"}
+    fwd = [s for s in tma if s.name.startswith("flash_attn_fwd[")]
+    assert {s.name.split(",")[1] for s in fwd} == {"causal", "padded_bidir", "varlen_bidir"}
+    bwd = [s for s in tma if s.name.startswith("flash_attn_dkdv")]  # the backward's (test_attention_bwd64)
+    assert {s.name.split(",")[1] for s in bwd} == {"causal", "causal_routed", "padded_bidir", "varlen_bidir",
+                                                   "padded_bidir_routed"}
+    assert all(s.constexprs["DQ_REDUCE"] == s.constexprs["FUSED_DQ"] for s in bwd)

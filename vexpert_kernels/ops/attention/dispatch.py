@@ -252,6 +252,16 @@ def tune_key(r: _Request, H: int, KV: int, Lq: int, Lk: int) -> tuple:
             "lse" if r.need_lse else "out", length_bucket(Lq), length_bucket(Lk))
 
 
+def bwd_tune_key(dtype, head_dim: int, H: int, KV: int, mask: str, bidir: bool, varlen: bool, routed: bool,
+                 lse_grad: bool, deterministic: bool, Lq: int, Lk: int) -> tuple:
+    """Tuning key of the backward (op "attention_bwd", flash_attention(..., bwd_config="auto")): as :func:`tune_key`
+    plus routed order, an lse gradient and the deterministic flag (its candidates differ)."""
+    return (str(dtype).replace("torch.", ""), head_dim, H // max(KV, 1), mask,
+            "bidirectional" if bidir else "causal", "varlen" if varlen else "padded", "routed" if routed else "seq",
+            "dlse" if lse_grad else "out", "deterministic" if deterministic else "onepass", length_bucket(Lq),
+            length_bucket(Lk))
+
+
 class _LastBackend:
     """The backend the last attention call of this process ran (observable dispatch; not read by any code path)."""
     name: Optional[str] = None

@@ -23,12 +23,17 @@ of its group and the query tiles that can see it, so dK/dV need no atomics: dete
 
 GPU tiles come from ``_GPU_CONFIGS`` (sm_90 / sm_80, fp16/bf16, head dim <= 128): the largest candidates that compile
 without register spills; ``aot_compile_specs()`` lists every kernel x config x dtype x head dim x mask variant.
-Known gap: K/V tiles are addressed with pointer tensors; Hopper TMA descriptors would free those registers and
-allow larger dK/dV tiles (today 16 queries x 128 keys on sm_90, 32 x 64 on sm_80 for hd 128).
+The table's dK/dV tiles take 16-32 queries per step (16 x 128 keys on sm_90 at hd 128: pointer tensors and K/V in
+registers leave no room). On sm_90 the backward's tuning candidates (``bwd_tune_configs``; ``flash_attention(...,
+bwd_config=tile | "auto")``, see :mod:`.bwd_tuning`) take 64-query steps: pointer tiles at hd 64 and a TMA variant
+of the dK/dV kernel (``USE_TMA``: K/V, Q and dO through device-side tensor descriptors, validity-free masks, dQ by
+TMA reductions) at hd 64 and 128; ``configs`` records their registers under Triton 3.6 and 3.9.
 """
 from __future__ import annotations
 
 from .api import MAX_HEAD_DIM, SUPPORTED_DTYPES, flash_attention  # noqa: F401
-from .configs import _GPU_CONFIGS, _INTERPRET_CONFIG, _PREPROCESS_CONFIG, _configs_for, fwd_tune_configs  # noqa: F401
+from .configs import (_GPU_CONFIGS, _INTERPRET_CONFIG, _PREPROCESS_CONFIG, _configs_for, bwd_tune_configs,  # noqa: F401
+                      fwd_tune_configs)
+from .launch import bwd_tma_usable  # noqa: F401
 from .launch import tma_usable  # noqa: F401
 from .masks import canonical_span_ids, span_bounds  # noqa: F401

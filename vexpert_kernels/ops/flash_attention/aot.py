@@ -6,7 +6,8 @@ import torch
 from vexpert_kernels._aot import CompileSpec
 from vexpert_kernels._triton_compat import HAS_TRITON
 
-from .configs import _DECODE_CONFIG, _FWD_TUNE_ALTERNATIVES, _TMA_FWD_CONFIGS, _GPU_CONFIGS, _PREPROCESS_CONFIG, _block_d, _pick
+from .configs import (_BWD64_CONFIGS, _BWD64_DET_OK, _BWD64_NOT_ROUTED, _DECODE_CONFIG, _FWD_TUNE_ALTERNATIVES,
+                      _GPU_CONFIGS, _PREPROCESS_CONFIG, _TMA_FWD_CONFIGS, _block_d, _pick)
 if HAS_TRITON:  # the package imports (and uses the PyTorch backends) without Triton
     from .kernels import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel, _attn_fwd_kernel
 
@@ -57,6 +58,14 @@ def build_aot_specs() -> list:
                         fused_opts = (True, False) if kname == "dkdv" and dname == "bf16" and hd in (64, 128) else (
                             (True,) if kname == "dkdv" else (None,))
                         tile_of = {None: tiles, False: tiles, True: [cfgs.get("dkdv_fused", tiles[0])]}
+                        if kname == "dkdv" and cc == 9 and dname == "bf16" and hd in (64, 128):
+                            # the backward's 64-query tuning tiles (sm_90; TMA ones need a power-of-two head dim)
+                            skip = {det: _BWD64_NOT_ROUTED.get((dbucket, masked, det), ()) if routed else ()
+                                    for det in (False, True)}
+                            tile_of = {False: tiles + [t for t in _BWD64_DET_OK[(dbucket, masked)]
+                                                       if t not in tiles and t not in skip[True]],
+                                       True: tile_of[True] + [t for t in _BWD64_CONFIGS[(dbucket, masked)]
+                                                              if t not in tile_of[True] and t not in skip[False]]}
                         for (bm, bn, nw, ns, *tma), fused in [(t, f) for f in fused_opts for t in tile_of[f]]:
                             use_tma = bool(tma and tma[0])
                             last = "SPAN_START" if kname == "dkdv" else "SPAN_END"
@@ -74,8 +83,10 @@ def build_aot_specs() -> list:
                             consts = dict(ce, BLOCK_M=bm, BLOCK_N=bn)
                             if fused is not None:
                                 consts["FUSED_DQ"] = fused
-                            if kname == "fwd":
+                            if kname in ("fwd", "dkdv"):
                                 consts["USE_TMA"] = use_tma
+                            if kname == "dkdv":
+                                consts["DQ_REDUCE"] = use_tma and bool(fused)
                             for n in consts:
                                 sig[n] = "constexpr"
                             sig = {n: sig[n] for n in fn.arg_names}  # ASTSource wants the kernel's argument order

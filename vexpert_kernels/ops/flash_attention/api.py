@@ -6,6 +6,7 @@ import math
 import torch
 
 from .custom_ops import _flash_attn_fwd_op
+from .launch import BWD_AUTO
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128  # 256 spills registers even at 32x32 tiles (sm_90/sm_80): use sdpa/flex there
@@ -29,9 +30,24 @@ def _dense_layout(t) -> bool:
     return t.is_contiguous() or (t.dim() == 4 and t.transpose(1, 2).is_contiguous())
 
 
+def _bwd_cfg_arg(bwd_config):
+    if bwd_config is None:
+        return None
+    if isinstance(bwd_config, str):
+        if bwd_config != "auto":
+            raise ValueError(f"bwd_config must be None, 'auto' or a (BLOCK_M, BLOCK_N, num_warps, num_stages[, tma]) "
+                             f"tuple, got {bwd_config!r}")
+        return list(BWD_AUTO)
+    cfg = [int(x) for x in bwd_config]
+    if len(cfg) not in (4, 5) or min(cfg[:4]) < 1:
+        raise ValueError(f"bwd_config must be (BLOCK_M, BLOCK_N, num_warps, num_stages[, tma]) with positive "
+                         f"entries, got {tuple(bwd_config)}")
+    return cfg
+
+
 def flash_attention(q, k, v, *, key_padding_mask=None, image_span_ids=None, bidirectional=False,
                     softmax_scale=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-                    fwd_config=None, out_index=None, deterministic=False):
+                    fwd_config=None, out_index=None, deterministic=False, bwd_config=None):
     """Our Triton attention. Returns ``(out, lse)``; differentiable in q, k, v (and through lse).
 
     Padded: q [B,H,Lq,hd], k/v [B,KV,Lk,hd], key_padding_mask bool [B,Lk] (keep), image_span_ids int [B,Lq];
@@ -44,7 +60,13 @@ def flash_attention(q, k, v, *, key_padding_mask=None, image_span_ids=None, bidi
     dO in it too); out_index must be a permutation of range(T) (rows outside it are skipped, never written).
     ``fwd_config`` may carry a 5th entry 1: load K/V through TMA tensor descriptors (sm_90; see ``tma_usable``).
     ``deterministic``: backward without atomics (two kernels, bitwise repeatable); default the one-pass backward
-    (one kernel per key tile computes dK, dV and dQ, dQ accumulated with fp32 atomics). Cu_seqlens are made bound-safe on the device. Inputs are validated by the caller
+    (one kernel per key tile computes dK, dV and dQ, dQ accumulated with fp32 atomics). ``bwd_config``: optional
+    dK/dV kernel tile (BLOCK_M, BLOCK_N, num_warps, num_stages[, 1 = TMA]) for the backward (one-pass or, with
+    ``deterministic``, the two-kernel split), e.g. one of ``bwd_tune_configs``; default the table's choice;
+    ``"auto"``: on CUDA the backward is tuned by ``vexpert_kernels.autotune.select`` (op "attention_bwd": the
+    plain-PyTorch gradient, also the static choice, against our backward with each tuning tile; see
+    :mod:`.bwd_tuning`), on the interpreter the table's tile runs.
+    Cu_seqlens are made bound-safe on the device. Inputs are validated by the caller
     (:func:`vexpert_kernels.ops.attention.mixed_attention`); this function checks dtypes/devices only.
     """
     varlen = cu_seqlens_q is not None
@@ -60,5 +82,5 @@ def flash_attention(q, k, v, *, key_padding_mask=None, image_span_ids=None, bidi
     return _flash_attn_fwd_op(q, k, v, key_padding_mask, span, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                               int(max_seqlen_k), float(softmax_scale), bool(bidirectional and span is not None),
                               None if fwd_config is None else [int(x) for x in fwd_config], out_index,
-                              bool(deterministic))
+                              bool(deterministic), _bwd_cfg_arg(bwd_config))
 

@@ -105,3 +105,52 @@ def fwd_tune_configs(device: torch.device, block_d: int, masked: bool, varlen: b
     if tma and torch.cuda.get_device_capability(device)[0] >= 9:
         out += list(_TMA_FWD_CONFIGS[bool(masked or varlen)])
     return out
+
+
+# sm_90 backward with 64-query dK/dV steps (the table keeps 32- and 16-query steps): tuning candidates for the dK/dV
+# kernel -- the one-pass "dkdv_fused" (dQ by fp32 atomics, or TMA reductions) and, with ``deterministic``, the
+# two-kernel split's dK/dV -- each (BLOCK_M, BLOCK_N, warps, stages[, USE_TMA=1]); never the untuned default (TMA
+# needs aligned tensors and a power-of-two head dim; the table's tiles serve everything). Measured with the compile
+# report (sm_90a, bf16, 16-divisible strides; registers, all without spills, with wgmma, TMA where ",tma"):
+#                                 Triton 3.9: causal/routed/padded-bidir/varlen-bidir/padded-bidir-routed; 3.6: same
+#   hd 64  64x64  w8s2      one-pass 250/232/251/238/254           246/247/241/240/243
+#                           determ.  232/237/247/233/243           252/227/238/228/228
+#   hd 64  64x64  w8s2 tma  one-pass 183/212/193/196/196           194/202/196/198/216
+#                           determ.  174/173/188/189/182           179/185/188/186/193
+#   hd 64  64x128 w8s2 tma  one-pass 210/208/220/220/229           222/239/226/230/226
+#                           determ.  207/209/217/217/215           213/217/218/218/224
+#   hd 128 64x64  w8s3 tma  one-pass 237/249/248/244/(40 B spill)  255/255/255/255/(24 B spill)
+#                           determ.  215/229/224/217/239           254/238/241/235/238
+# What does not fit: at hd 128 every pointer (non-TMA) 64-query tile -- 64x64 w8s2 spilled 272-304 B one-pass,
+# 88-152 B deterministic (3.9; 3.6: 176-208 / 48-72 B): per-element Q/dO address tensors of [64, 128] plus K/V
+# replicated in registers over both warpgroups; 64x64 over 4 warps spilled 80-304 B (dK/dV alone take 128
+# registers); 64x128 (128 keys) spilled 24-56 B even with TMA (3.9) and the pointer 64x128 at hd 64 spilled 40-104 B;
+# the one-pass TMA tile with dO in routed order (a gather: no descriptor) AND padding/spans at hd 128 spilled 16-40 B
+# at 2 and 3 stages (left out via _BWD64_NOT_ROUTED). The TMA kernel's levers: descriptors for K/V, Q and dO (no
+# address tensors), no row/key validity predicates (TMA zero-fills rows past the sequence; padding folded into
+# [BLOCK_N] key vectors), dQ by TMA reductions (no per-element atomic addresses), the ragged last query tile unmasked.
+# Keyed by (head-dim bucket, masked).
+_BWD64_CONFIGS = {
+    (64, False): ((64, 64, 8, 2), (64, 64, 8, 2, 1), (64, 128, 8, 2, 1)),
+    (64, True): ((64, 64, 8, 2), (64, 64, 8, 2, 1), (64, 128, 8, 2, 1)),
+    (128, False): ((64, 64, 8, 3, 1),),
+    (128, True): ((64, 64, 8, 3, 1),),
+}
+# the subset that also compiles spill-free as the deterministic split's dK/dV kernel (all of them)
+_BWD64_DET_OK = dict(_BWD64_CONFIGS)
+# (head-dim bucket, masked, deterministic) -> tiles that spill with dO in routed order (not offered there)
+_BWD64_NOT_ROUTED = {(128, True, False): ((64, 64, 8, 3, 1),)}
+
+
+def bwd_tune_configs(device: torch.device, block_d: int, masked: bool, varlen: bool = False,
+                     deterministic: bool = False, tma: bool = False, routed: bool = False) -> list:
+    """dK/dV kernel (BLOCK_M, BLOCK_N, num_warps, num_stages[, USE_TMA]) candidates for tuning the backward: the
+    table's choice first; on sm_90 the 64-query tiles (``tma``: the tensors allow TMA, launch.bwd_tma_usable;
+    ``routed``: dO in routed order -- the tiles that spill there are left out)."""
+    first = tuple(_configs_for(device, block_d, masked, varlen)["dkdv" if deterministic else "dkdv_fused"])
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        return [first]
+    key = (_d_bucket(block_d), bool(masked or varlen))
+    pool = (_BWD64_DET_OK if deterministic else _BWD64_CONFIGS)[key]
+    skip = _BWD64_NOT_ROUTED.get(key + (bool(deterministic),), ()) if routed else ()
+    return [first] + [c for c in pool if c != first and (tma or len(c) == 4) and c not in skip]

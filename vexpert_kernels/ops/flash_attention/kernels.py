@@ -171,31 +171,40 @@ if HAS_TRITON:
         return dq + _dot(ds.to(k.dtype), k, UPCAST, PREC)
 
     @triton.jit
-    def _dkdv_tile(dk, dv, k, v, kkeep, ks, start_m, offs_m0, offs_n, n_valid, offs_d, d_valid, len_q, offset, q_ptr,
+    def _dkdv_tile(dk, dv, k, v, kkeep, ks, kpos, start_m, offs_m0, offs_n, n_valid, offs_d, d_valid, len_q, offset, q_ptr,
                    do_ptr, l_off, LSE, DELTA, stride_ql, stride_ol, stride_ll, span_b, qk_scale, oidx_b, T_OUT,
                    dq_ptr, MASKED: tl.constexpr, HAS_KPM: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
                    PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_OIDX: tl.constexpr,
-                   FUSED_DQ: tl.constexpr):
+                   FUSED_DQ: tl.constexpr, USE_TMA: tl.constexpr, DQ_REDUCE: tl.constexpr):
         # Works on the transposed scores [BLOCK_N, BLOCK_M] (as FA2): P^T and dS^T come out of the dots already in
         # the orientation dV += P^T dO and dK += dS^T Q need, so no register tensor is transposed (no layout shuffle
         # through shared memory, fewer live registers). kkeep/ks: the key tile's padding keep flags and span ids.
+        # USE_TMA: q_ptr (and do_ptr unless HAS_OIDX) are tensor descriptors over this (sequence, head)'s
+        # [len_q, HEAD_DIM] rows: bulk copies, rows past len_q arrive as zeros, no [BLOCK_M, BLOCK_D] address
+        # tensors held in registers. DQ_REDUCE: dq_ptr is a descriptor too and dQ is added by TMA reductions
+        # (cp.reduce.async.bulk.tensor; rows past len_q are dropped) instead of per-element atomics.
         offs_m = start_m + offs_m0
         m_valid = offs_m < len_q
-        qt_ptrs = q_ptr + offs_m[None, :] * stride_ql + offs_d[:, None]
-        if MASKED:
-            qT = tl.load(qt_ptrs, mask=m_valid[None, :] & d_valid[:, None], other=0.0)
-        elif HEAD_DIM == BLOCK_D:
-            qT = tl.load(qt_ptrs)
+        if USE_TMA:
+            qT = tl.trans(q_ptr.load([start_m, 0]))
         else:
-            qT = tl.load(qt_ptrs, mask=d_valid[:, None], other=0.0)
-        if HAS_OIDX:  # dO in the plan's routed order
+            qt_ptrs = q_ptr + offs_m[None, :] * stride_ql + offs_d[:, None]
+            if MASKED:
+                qT = tl.load(qt_ptrs, mask=m_valid[None, :] & d_valid[:, None], other=0.0)
+            elif HEAD_DIM == BLOCK_D:
+                qT = tl.load(qt_ptrs)
+            else:
+                qT = tl.load(qt_ptrs, mask=d_valid[:, None], other=0.0)
+        if USE_TMA and not HAS_OIDX:
+            do = do_ptr.load([start_m, 0])
+        elif HAS_OIDX:  # dO in the plan's routed order
             orow, o_ok = _routed_rows(oidx_b, offs_m, m_valid, T_OUT)
             do = tl.load(do_ptr + orow[:, None] * stride_ol + offs_d[None, :], mask=o_ok[:, None] & d_valid[None, :],
                          other=0.0)
         else:
             do = _load_rows(do_ptr + offs_m[:, None] * stride_ol + offs_d[None, :], m_valid, d_valid, MASKED,
                             HEAD_DIM, BLOCK_D)
-        if MASKED:
+        if MASKED or USE_TMA:
             lse2 = tl.load(LSE + l_off + offs_m * stride_ll, mask=m_valid, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + l_off + offs_m * stride_ll, mask=m_valid, other=0.0)
         else:
@@ -205,11 +214,24 @@ if HAS_TRITON:
         pT = tl.exp2(sT - lse2[None, :])
         # where() after exp2: rows with lse=-inf give inf there, but such rows have no visible key
         if MASKED:
-            ok = (offs_n[:, None] <= (offset + offs_m)[None, :]) & n_valid[:, None] & m_valid[None, :]
-            if BIDIR:
-                qs = tl.load(span_b + offs_m, mask=m_valid, other=0)
-                ok = ok | ((ks[:, None] == qs[None, :]) & (qs[None, :] != 0) & n_valid[:, None] & m_valid[None, :])
-            if HAS_KPM:
+            if USE_TMA:
+                # rows past len_q (zero Q and dO rows from TMA, lse = delta = 0) and keys past len_k (zero K/V rows)
+                # contribute exactly 0 to dK/dV (dQ rows past len_q are dropped): causality, spans and padding
+                # only, no row/key validity predicates
+                # kpos: key positions in query coordinates, padded keys moved past every query, and ks: span ids,
+                # 0 on padded keys -- padding folded into [BLOCK_N] vectors, no third [BLOCK_N, BLOCK_M] predicate
+                ok = kpos[:, None] <= offs_m[None, :]
+                if BIDIR:
+                    qs = tl.load(span_b + offs_m, mask=m_valid, other=0)  # 0 past len_q, as ks past len_k
+                    qs = tl.where(qs != 0, qs, -1)  # a text query matches no key's span id (text keys have 0)
+                    ok = ok | (ks[:, None] == qs[None, :])
+            else:
+                ok = (offs_n[:, None] <= (offset + offs_m)[None, :]) & n_valid[:, None] & m_valid[None, :]
+                if BIDIR:
+                    qs = tl.load(span_b + offs_m, mask=m_valid, other=0)
+                    ok = ok | ((ks[:, None] == qs[None, :]) & (qs[None, :] != 0) & n_valid[:, None] &
+                               m_valid[None, :])
+            if HAS_KPM and not USE_TMA:
                 ok = ok & kkeep[:, None]
             pT = tl.where(ok, pT, 0.0)
         elif HAS_KPM:
@@ -220,8 +242,11 @@ if HAS_TRITON:
         dk += _dot(dsT.to(qT.dtype), tl.trans(qT), UPCAST, PREC)
         if FUSED_DQ:  # the 5th matmul: dQ += dS K for this (query tile, key tile), fp32 atomics (unscaled)
             dq = _dot(tl.trans(dsT.to(k.dtype)), k, UPCAST, PREC)
-            tl.atomic_add(dq_ptr + offs_m[:, None] * stride_ql + offs_d[None, :], dq,
-                          mask=m_valid[:, None] & d_valid[None, :])
+            if DQ_REDUCE:
+                dq_ptr.atomic_add([start_m, 0], dq)
+            else:
+                tl.atomic_add(dq_ptr + offs_m[:, None] * stride_ql + offs_d[None, :], dq,
+                              mask=m_valid[:, None] & d_valid[None, :])
         return dk, dv
 
     @triton.jit
@@ -364,9 +389,13 @@ if HAS_TRITON:
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, BIDIR: tl.constexpr,
         UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_OIDX: tl.constexpr, FUSED_DQ: tl.constexpr,
+        USE_TMA: tl.constexpr = False, DQ_REDUCE: tl.constexpr = False,
     ):
         # DK/DV are written with K/V's strides, DO is read with stride_o*. FUSED_DQ: also dQ (fp32 [Q's strides],
         # zero-initialised, unscaled) by atomics -- the one-pass backward; else the dq kernel computes it.
+        # USE_TMA (sm_90): K/V, Q and dO (unless routed) tiles through device-side tensor descriptors; DQ_REDUCE
+        # (with USE_TMA and FUSED_DQ): dQ by TMA reductions (the launcher sets it on GPUs only: the Triton
+        # interpreter has no descriptor reductions).
         pid_n = tl.program_id(0)
         b, kvh, q_start, len_q, k_start, len_k = _program_rows(tl.program_id(1), KVH, CU_Q, CU_K, LQ, LK, IS_VARLEN)
         start_n = pid_n * BLOCK_N
@@ -382,8 +411,14 @@ if HAS_TRITON:
         b64 = b.to(tl.int64)
         k_off = _row_offset(b, kvh, k_start, stride_kb, stride_kh, stride_kl)
         v_off = _row_offset(b, kvh, k_start, stride_vb, stride_vh, stride_vl)
-        k = tl.load(K + k_off + offs_n[:, None] * stride_kl + offs_d[None, :], mask=nd_mask, other=0.0)
-        v = tl.load(V + v_off + offs_n[:, None] * stride_vl + offs_d[None, :], mask=nd_mask, other=0.0)
+        if USE_TMA:
+            k = tl.make_tensor_descriptor(K + k_off, shape=[len_k, HEAD_DIM], strides=[stride_kl, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D]).load([start_n, 0])
+            v = tl.make_tensor_descriptor(V + v_off, shape=[len_k, HEAD_DIM], strides=[stride_vl, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D]).load([start_n, 0])
+        else:
+            k = tl.load(K + k_off + offs_n[:, None] * stride_kl + offs_d[None, :], mask=nd_mask, other=0.0)
+            v = tl.load(V + v_off + offs_n[:, None] * stride_vl + offs_d[None, :], mask=nd_mask, other=0.0)
         span_b = SPAN + b64 * stride_sb + q_start
         # first query that can see a key of this tile: causal -> start_n - offset; bidirectional -> the start of
         # that query's image span (span_start is monotone, so the tile's first key gives the minimum)
@@ -400,13 +435,20 @@ if HAS_TRITON:
         # first query tile start whose rows all sit at or after the tile's last key (causally see the whole tile)
         m_full = m_lo + ((tl.maximum(start_n + BLOCK_N - 1 - offset - m_lo, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
         m_a = tl.minimum(m_full, m_hi)
-        m_b = tl.maximum(m_a, m_lo + ((m_hi - m_lo) // BLOCK_M) * BLOCK_M)
+        if USE_TMA:  # the ragged last query tile needs no row mask (see _dkdv_tile)
+            m_b = m_hi
+        else:
+            m_b = tl.maximum(m_a, m_lo + ((m_hi - m_lo) // BLOCK_M) * BLOCK_M)
         kkeep = n_valid
         if HAS_KPM:
             kkeep = tl.load(KPM + b64 * stride_mb + offs_n, mask=n_valid, other=0) != 0
         ks = offs_n * 0
         if BIDIR:
             ks = tl.load(span_b + offs_n - offset, mask=n_valid & (offs_n >= offset), other=0)
+        kpos = offs_n - offset
+        if USE_TMA and HAS_KPM:  # see _dkdv_tile: padding folded into the key vectors
+            kpos = tl.where(kkeep, kpos, 1 << 30)
+            ks = tl.where(kkeep, ks, 0)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         oidx_b = OIDX + b64 * stride_ib + q_start
@@ -419,23 +461,33 @@ if HAS_TRITON:
                 do_ptr = DO + _row_offset(b, h, q_start, stride_ob, stride_oh, stride_ol)
             l_off = _row_offset(b, h, q_start, stride_lb, stride_lh, stride_ll)
             dq_ptr = DQ + _row_offset(b, h, q_start, stride_qb, stride_qh, stride_ql)
+            if USE_TMA:
+                q_ptr = tl.make_tensor_descriptor(q_ptr, shape=[len_q, HEAD_DIM], strides=[stride_ql, 1],
+                                                  block_shape=[BLOCK_M, BLOCK_D])
+                if not HAS_OIDX:
+                    do_ptr = tl.make_tensor_descriptor(do_ptr, shape=[len_q, HEAD_DIM], strides=[stride_ol, 1],
+                                                       block_shape=[BLOCK_M, BLOCK_D])
+                if DQ_REDUCE:
+                    dq_ptr = tl.make_tensor_descriptor(dq_ptr, shape=[len_q, HEAD_DIM], strides=[stride_ql, 1],
+                                                       block_shape=[BLOCK_M, BLOCK_D])
             # query tiles [m_a, m_b) are whole tiles whose every row sees every key of this tile causally: no
             # causal/span mask and no row masks there; the ragged ends run masked
             for start_m in range(m_lo, m_a, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, kkeep, ks, start_m, offs_m0, offs_n, n_valid, offs_d, d_valid,
+                dk, dv = _dkdv_tile(dk, dv, k, v, kkeep, ks, kpos, start_m, offs_m0, offs_n, n_valid, offs_d, d_valid,
                                     len_q, offset, q_ptr, do_ptr, l_off, LSE, DELTA, stride_ql, stride_ol, stride_ll,
                                     span_b, qk_scale, oidx_b, T_OUT, dq_ptr, True, HAS_KPM, BIDIR, UPCAST, PREC,
-                                    HEAD_DIM, BLOCK_D, HAS_OIDX, FUSED_DQ)
+                                    HEAD_DIM, BLOCK_D, HAS_OIDX, FUSED_DQ, USE_TMA, DQ_REDUCE)
             for start_m in range(m_a, m_b, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, kkeep, ks, start_m, offs_m0, offs_n, n_valid, offs_d, d_valid,
+                dk, dv = _dkdv_tile(dk, dv, k, v, kkeep, ks, kpos, start_m, offs_m0, offs_n, n_valid, offs_d, d_valid,
                                     len_q, offset, q_ptr, do_ptr, l_off, LSE, DELTA, stride_ql, stride_ol, stride_ll,
                                     span_b, qk_scale, oidx_b, T_OUT, dq_ptr, False, HAS_KPM, BIDIR, UPCAST, PREC,
-                                    HEAD_DIM, BLOCK_D, HAS_OIDX, FUSED_DQ)
-            for start_m in range(m_b, m_hi, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, kkeep, ks, start_m, offs_m0, offs_n, n_valid, offs_d, d_valid,
-                                    len_q, offset, q_ptr, do_ptr, l_off, LSE, DELTA, stride_ql, stride_ol, stride_ll,
-                                    span_b, qk_scale, oidx_b, T_OUT, dq_ptr, True, HAS_KPM, BIDIR, UPCAST, PREC,
-                                    HEAD_DIM, BLOCK_D, HAS_OIDX, FUSED_DQ)
+                                    HEAD_DIM, BLOCK_D, HAS_OIDX, FUSED_DQ, USE_TMA, DQ_REDUCE)
+            if not USE_TMA:  # (TMA: the ragged last tile runs unmasked above, m_b == m_hi)
+                for start_m in range(m_b, m_hi, BLOCK_M):
+                    dk, dv = _dkdv_tile(dk, dv, k, v, kkeep, ks, kpos, start_m, offs_m0, offs_n, n_valid, offs_d,
+                                        d_valid, len_q, offset, q_ptr, do_ptr, l_off, LSE, DELTA, stride_ql, stride_ol,
+                                        stride_ll, span_b, qk_scale, oidx_b, T_OUT, dq_ptr, True, HAS_KPM, BIDIR,
+                                        UPCAST, PREC, HEAD_DIM, BLOCK_D, HAS_OIDX, FUSED_DQ, USE_TMA, DQ_REDUCE)
         dk = dk * sm_scale
         tl.store(DK + k_off + offs_n[:, None] * stride_kl + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nd_mask)
         tl.store(DV + v_off + offs_n[:, None] * stride_vl + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd_mask)

@@ -11,8 +11,12 @@ if HAS_TRITON:  # the package imports (and uses the PyTorch backends) without Tr
 from .masks import _kv_range, _varlen_span_bounds, canonical_span_ids, span_bounds
 
 LOG2E = 1.4426950408889634
+BWD_AUTO = [0]  # bwd_cfg sentinel of flash_attention(..., bwd_config="auto"): tune the backward (see bwd_tuning)
 # Tests set this to fill every output with NaN before launch, so elements a kernel fails to write show up.
 _POISON_OUTPUTS = False
+# Tests set this (with a stand-in for the descriptor reduction the Triton interpreter lacks) to run the TMA
+# backward's dQ-by-TMA-reduction path through the interpreter; off a GPU it is off by default.
+_DQ_REDUCE_OFF_GPU = False
 
 
 def _new_like(t, shape=None, dtype=None):
@@ -114,6 +118,13 @@ def tma_usable(q, k, v) -> bool:
     return True
 
 
+def bwd_tma_usable(q, k, v, do=None) -> bool:
+    """Whether the TMA backward can address these tensors: as :func:`tma_usable` for q, k, v and dO (dO is read
+    through a descriptor unless it is in routed order)."""
+    return tma_usable(q, k, v) and all(t.stride(-1) == 1 and (t.stride(-2) * t.element_size()) % 16 == 0
+                                       and t.data_ptr() % 16 == 0 for t in ((q,) if do is None else (q, do)))
+
+
 def _set_tma_allocator(device) -> None:
     """Device-side tensor descriptors need Triton's global scratch allocator (a small buffer per launch). Set only
     when a TMA launch happens (never on the default path): a process-wide Triton setting."""
@@ -149,11 +160,23 @@ def _fwd_impl(q, k, v, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale, bidir
 
 
 def _bwd_impl(do, q, k, v, out, lse, dlse, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale, bidir, oidx=None,
-              deterministic=False):
+              deterministic=False, bwd_cfg=None):
     """dq, dk, dv. Default: ONE kernel per key tile computes dK, dV and dQ (5 matmuls, dQ by fp32 atomics into a
     zeroed buffer, scaled and cast here). ``deterministic``: the dq kernel recomputes the scores per query tile
-    instead (7 matmuls over two kernels, no atomics: bitwise repeatable)."""
+    instead (7 matmuls over two kernels, no atomics: bitwise repeatable). ``bwd_cfg``: optional dK/dV kernel tile
+    (BLOCK_M, BLOCK_N, num_warps, num_stages[, USE_TMA]) instead of the table's, e.g. one of
+    ``configs.bwd_tune_configs``; USE_TMA=1 reads K/V, Q and dO through tensor descriptors (sm_90, and the Triton
+    >= 3.9 interpreter) and, on a GPU, adds the one-pass dQ by TMA reductions."""
     require_triton("the triton attention backend")
+    if bwd_cfg is not None and list(bwd_cfg) == BWD_AUTO:
+        if q.is_cuda and not interpret_mode() and q.numel() and k.numel():  # tune (or reuse the decision)
+            from .bwd_tuning import select_bwd
+
+            return select_bwd(do, q, k, v, out, lse, dlse, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale,
+                              bidir, oidx, deterministic,
+                              lambda cfg: _bwd_impl(do, q, k, v, out, lse, dlse, kpm, span, cu_q, cu_k, max_q, max_k,
+                                                    softmax_scale, bidir, oidx, deterministic, cfg))
+        bwd_cfg = None  # the interpreter: the table's tile
     pr = _Prepared(q, k, kpm, span, cu_q, cu_k, max_q, max_k, bidir, oidx)
     hd = q.shape[-1]
     do = do.contiguous()
@@ -183,11 +206,17 @@ def _bwd_impl(do, q, k, v, out, lse, dlse, kpm, span, cu_q, cu_k, max_q, max_k, 
         raise AssertionError("internal: dq must share q's strides")
     common = (*pr.qstrides(q), *pr.qstrides(k), *pr.qstrides(v), *pr.ostrides(do), *pr.lstrides(lse), pr.stride_mb,
               pr.stride_sb, pr.stride_ib)
-    bm, bn, nw, ns = cfg["dkdv_fused" if fused else "dkdv"]
+    bm, bn, nw, ns, *tma = bwd_cfg or cfg["dkdv_fused" if fused else "dkdv"]
+    use_tma = bool(tma and tma[0])
+    if use_tma:
+        if not bwd_tma_usable(q, k, v, None if pr.has_oidx else do):
+            raise ValueError("the TMA backward needs 16-byte aligned q/k/v/dO rows and a power-of-two head dim >= 16")
+        _set_tma_allocator(q.device)
     _attn_bwd_dkdv_kernel[(triton.cdiv(pr.LK, bn), pr.B * pr.KV)](
         q, k, v, do, dk, dv, dq, lse, delta, pr.cu_q, pr.cu_k, pr.kv_lo, pr.kv_hi, pr.kpm, pr.span, pr.span_start,
         pr.oidx, *common, pr.KV, pr.LQ, pr.LK, pr.t_out, softmax_scale * LOG2E, softmax_scale,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, FUSED_DQ=fused, **ce)
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, FUSED_DQ=fused, USE_TMA=use_tma,
+        DQ_REDUCE=use_tma and fused and (not ce["UPCAST"] or _DQ_REDUCE_OFF_GPU), **ce)
     if fused:
         return (dq * softmax_scale).to(q.dtype), dk, dv
     bm, bn, nw, ns = cfg["dq"]
