@@ -11,7 +11,7 @@ from vexpert_kernels.validation import check_cu_seqlens, check_positive_finite, 
 
 from .backends import (_flash_attn_backend, _flex_attention, _math_attention, _sdpa_attention, _xformers_backend,
                        attention_keep_mask)
-from .dispatch import (_VARLEN_PARAMS, BACKENDS, TUNE_CANDIDATES, _Request, _select_backend, _unsupported_reason,
+from .dispatch import (requested_backend, _VARLEN_PARAMS, BACKENDS, TUNE_CANDIDATES, _Request, _select_backend, _unsupported_reason,
                        record_backend, serving_backends, static_backend, tune_key)
 
 IMAGE_ATTENTION_MODES = ("causal", "bidirectional")
@@ -240,12 +240,13 @@ def mixed_attention(q, k, v, plan=None, *, key_padding_mask=None, image_span_ids
     Lk = k.shape[2]
     masked = key_padding_mask is not None or bidir
     out_index = _check_out_index(out_index, (B, Lq), q.device)
+    bwd_cfg = "auto" if requested_backend(backend) == "auto" else None  # auto: the backward tile is tuned too
 
     def run(name):
         if name.startswith("triton"):
             out, lse = flash_attention(q, k, v, key_padding_mask=key_padding_mask, image_span_ids=image_span_ids,
                                        bidirectional=bidir, softmax_scale=scale, fwd_config=parse_triton_name(name),
-                                       out_index=out_index, deterministic=deterministic)
+                                       out_index=out_index, deterministic=deterministic, bwd_config=bwd_cfg)
             return (out, lse) if return_lse else out
         res = _run_torch(name)
         if out_index is None:
@@ -308,6 +309,7 @@ def mixed_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                    padding=False, bidir=bidir, bias=False, need_lse=bool(return_lse), varlen=True,
                    grad=_needs_grad(q, k, v), custom_scale=abs(scale - 1.0 / math.sqrt(hd)) > 1e-12)
     out_index = _check_out_index(out_index, (total_q,), q.device)
+    bwd_cfg = "auto" if requested_backend(backend) == "auto" else None  # auto: the backward tile is tuned too
 
     def run(name):
         if name.startswith("triton"):
@@ -315,7 +317,7 @@ def mixed_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                        softmax_scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                                        fwd_config=parse_triton_name(name), out_index=out_index,
-                                       deterministic=deterministic)
+                                       deterministic=deterministic, bwd_config=bwd_cfg)
             return (out, lse) if return_lse else out
         res = _run_torch(name)
         if out_index is None:
