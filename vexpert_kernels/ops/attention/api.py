@@ -11,8 +11,8 @@ from vexpert_kernels.validation import check_cu_seqlens, check_positive_finite, 
 
 from .backends import (_flash_attn_backend, _flex_attention, _math_attention, _sdpa_attention, _xformers_backend,
                        attention_keep_mask)
-from .dispatch import (requested_backend, _VARLEN_PARAMS, BACKENDS, TUNE_CANDIDATES, _Request, _select_backend, _unsupported_reason,
-                       record_backend, serving_backends, static_backend, tune_key)
+from .dispatch import (_VARLEN_PARAMS, BACKENDS, TUNE_CANDIDATES, _Request, _select_backend, _unsupported_reason,
+                       record_backend, requested_backend, serving_backends, static_backend, tune_key)
 
 IMAGE_ATTENTION_MODES = ("causal", "bidirectional")
 
