@@ -300,3 +300,30 @@ def test_select_bwd_checks_every_tile_against_the_plain_gradient(case, tmp_path,
     want = torch.autograd.grad((want_out, want_lse), (qd, kd, vd), (do.double(), dlse.double()))
     for name, a, b in zip("qkv", grads, want):
         assert rel_err(a, b) < (TOL if DTYPE == torch.float32 else 4 * TOL), f"d{name}"
+
+
+@pytest.mark.parametrize("backend, expect", [("auto", "auto"), ("triton", None)])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_mixed_attention_tunes_the_backward_tile_only_under_auto(backend, expect, varlen, monkeypatch):
+    """mixed_attention / mixed_attention_varlen pass bwd_config="auto" to our kernel when the user asked for
+    backend="auto" (the backward tile is then tuned on CUDA), and the table's tile for an explicit backend."""
+    import vexpert_kernels.ops.attention.api as api
+    seen = []
+    real = api.flash_attention
+
+    def spy(*a, **kw):
+        seen.append(kw.get("bwd_config"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(api, "flash_attention", spy)
+    monkeypatch.delenv("VEXPERT_ATTENTION_BACKEND", raising=False)
+    monkeypatch.setattr(api, "_dispatch", lambda b, req, key, run, *rest: run("triton"))  # force our kernel
+    g = torch.Generator().manual_seed(0)
+    if varlen:
+        cu = torch.tensor([0, 5, 11], device=DEVICE, dtype=torch.int32)
+        q, k, v = (_leaf(11, 2, 16, g=g) for _ in range(3))
+        mixed_attention_varlen(q, k, v, cu, cu, 6, 6, backend=backend)
+    else:
+        q, k, v = (_leaf(1, 2, 7, 16, g=g) for _ in range(3))
+        mixed_attention(q, k, v, backend=backend)
+    assert seen == [expect]
