@@ -4,11 +4,11 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh          # OUT defaults to ./gpu_out
 #
-# Stages (hard time budgets, s; total <= ~470 s = 8 min on an H200):
+# Stages (hard time budgets, s; total <= ~520 s = 9 min on an H200):
 #   install 30 | (a) gpu_tests 75: `-m gpu` tests (our kernels really launch, real ragged shapes fwd+bwd vs torch,
-#   > 2^31-element tensors) | (a) op_tests 45: the op test files on CUDA (no interpreter) | (b) tune 2 x 60:
+#   > 2^31-element tensors) | (a) op_tests 70: the op test files on CUDA (no interpreter) | (b) tune 2 x 60:
 #   python -m vexpert_kernels.tune for cogvlm_chat_17b and cogvlm2_19b (every candidate incl. cuBLAS/SDPA, verdicts)
-#   | sm90_selfcheck 40 | (c) benchmarks 105: pytest benchmarks/ --benchmark-only (pytest-benchmark columns = CUDA-event device time per
+#   | sm90_selfcheck 40 | qkv_selfcheck 25 | (c) benchmarks 105: pytest benchmarks/ --benchmark-only (pytest-benchmark columns = CUDA-event device time per
 #   call) | (d) profile 45: one torch.profiler fwd+bwd per preset, device time per kernel | cuda_timings 15 | summary.
 # Files in $OUT: install.log env.json gpu_tests.{log,jsonl} op_tests.{log,jsonl} tune_<preset>.{log,json}
 #   autotune_cache/autotune-*.json (decisions as they are made) bench.log bench_pytest.json <card>_<date>.json
@@ -51,13 +51,16 @@ cat "$OUT/env.json"
 # run on CUDA tensors (tests/conftest.py sets TRITON_INTERPRET only without CUDA).
 stage gpu_tests 75 "$OUT/gpu_tests.log" env VEXPERT_JSONL="$OUT/gpu_tests.jsonl" \
   $PY -m pytest -m gpu tests/ -q -p no:cacheprovider -p pytest_jsonl -rfEs
-stage op_tests 45 "$OUT/op_tests.log" env VEXPERT_JSONL="$OUT/op_tests.jsonl" \
+stage op_tests 70 "$OUT/op_tests.log" env VEXPERT_JSONL="$OUT/op_tests.jsonl" \
   $PY -m pytest tests/test_routed_linear.py tests/test_attention.py tests/test_attention_routed.py tests/test_rmsnorm.py \
-  tests/test_gemm_sm90.py tests/test_block.py -q -p no:cacheprovider \
+  tests/test_gemm_sm90.py tests/test_swiglu_mlp.py tests/test_gemm_sm90_qkv.py tests/test_attention_bwd64.py \
+  tests/test_attention_tma.py tests/test_warp_specialize.py tests/test_block.py -q -p no:cacheprovider \
   -p pytest_jsonl -m "not gpu and not slow" -rfE
 # (a') Hopper TMA grouped GEMMs vs cuBLAS (correctness + ratio to one dense GEMM per config; JSON as it goes)
 stage sm90_selfcheck 40 "$OUT/sm90_selfcheck.log" $PY -m vexpert_kernels.ops.gemm_sm90.selfcheck --quick \
   --json "$OUT/sm90_selfcheck.json"
+# (a'') sm_90 QKV + RoPE kernel vs our plain sm_90 GEMM at the same N x K (target >= 0.97x), dW + fused dbias vs dW
+stage qkv_selfcheck 25 "$OUT/qkv_selfcheck.log" $PY -m vexpert_kernels.ops.gemm_sm90.qkv_selfcheck --quick --json "$OUT/qkv_selfcheck.json"
 # (b) autotune tables at the real shapes (decisions also persist in $VEXPERT_AUTOTUNE_CACHE_DIR as they are made)
 for preset in cogvlm_chat_17b cogvlm2_19b; do
   stage "tune_$preset" 60 "$OUT/tune_$preset.log" $PY -m vexpert_kernels.tune --preset "$preset" --tokens 8192 \

@@ -333,4 +333,4 @@ def test_tune_cli_runs_the_layer_ops_without_cuda(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "autotune decisions" in r.stdout and "ERROR" not in r.stdout
     rep = json.load(open(out))
-    assert rep["ops_done"] == ["qkv", "attention", "o", "gate_up", "down"] and rep["errors"] == {}
+    assert rep["ops_done"] == ["qkv", "attention", "o", "mlp"] and rep["errors"] == {}

@@ -43,8 +43,8 @@ def layer_shapes(cfg: VisualExpertConfig, batch: int, seq_len: int) -> list:
         ("qkv (routed_qkv_rope)", gemm(cfg.qkv_size, D) + f"; RoPE, H={H} KV={KV} hd={hd}"),
         ("attention (mixed_attention)", f"B={batch} H={H} KV={KV} L={seq_len} hd={hd}, causal, fwd + bwd"),
         ("o (routed_linear + residual)", gemm(D, H * hd)),
-        ("gate/up (routed_swiglu)", gemm(I, D) + " x2 (gate and up)"),
-        ("down (routed_linear + residual)", gemm(D, I)),
+        ("mlp: gate/up (routed_swiglu_mlp)", gemm(I, D) + " x2 (gate and up)"),
+        ("mlp: down + residual (routed_swiglu_mlp)", gemm(D, I) + "; dX with the SwiGLU backward in its epilogue"),
     ]
 
 
@@ -52,7 +52,7 @@ def _run_layer_ops(cfg, batch, seq_len, image_tokens, dtype, device, after_each=
     """Every public op of the layer with backend="auto", forward + backward. Returns [(op, error or None)].
     ``after_each(results_so_far)`` runs after every op (the CLI rewrites its JSON there: a timeout keeps results)."""
     from .bench.shapes import Case, token_type_ids
-    from .ops import mixed_attention, routed_linear, routed_qkv_rope, routed_swiglu
+    from .ops import mixed_attention, routed_linear, routed_qkv_rope, routed_swiglu_mlp
     from .routing import RoutingPlan
 
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -89,10 +89,10 @@ def _run_layer_ops(cfg, batch, seq_len, image_tokens, dtype, device, after_each=
                                                          x(batch, KV, seq_len, hd), plan, backend="auto")))
     res.append(step("o", lambda: routed_linear(x(T, H * hd), w(D, H * hd), w(D, H * hd), plan, residual=x(T, D),
                                                backend="auto")))
-    res.append(step("gate_up", lambda: routed_swiglu(x(T, D), w(I, D), w(I, D), w(I, D), w(I, D), plan,
-                                                     backend="auto")))
-    res.append(step("down", lambda: routed_linear(x(T, I), w(D, I), w(D, I), plan, residual=x(T, D),
-                                                  backend="auto")))
+    # the MLP as the block runs it: one fused op (SwiGLU GEMM, down GEMM + residual; backward: the down projection's
+    # dX with the SwiGLU backward in its epilogue, dW of down, one dX GEMM over K = 2I, dW of gate / up)
+    res.append(step("mlp", lambda: routed_swiglu_mlp(x(T, D), w(I, D), w(I, D), w(D, I), w(I, D), w(I, D), w(D, I),
+                                                     plan, residual=x(T, D), backend="auto")))
     return res
 
 
