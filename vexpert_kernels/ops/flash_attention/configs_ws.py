@@ -1,0 +1,44 @@
+"""Tile configs of the warp-specialised sm_90 forward (``kernels_ws._attn_fwd_ws_kernel``) and when it is offered.
+
+A forward config is ``(BLOCK_M, BLOCK_N, num_warps, num_stages, KIND)``; ``KIND`` 1 is the TMA forward of
+``kernels._attn_fwd_kernel``, ``KIND == WS_FWD`` (2) this kernel (TMA + warp specialisation). Tuning candidates only:
+``autotune.select`` checks each against PyTorch on the GPU before it can be chosen, never the untuned default.
+"""
+from __future__ import annotations
+
+import torch
+
+from vexpert_kernels.ops.gemm_sm90.configs import hopper_ws_pass_available
+
+WS_FWD = 2  # 5th entry of a forward config: the warp-specialised TMA kernel
+
+# num_warps=4 is the Hopper pass's gate (3 warpgroups after the split: one TMA producer, two wgmma consumers of 64
+# query rows each); BLOCK_M 128 gives each consumer warpgroup one m64 wgmma row block. Keyed by masked (key padding,
+# image spans or varlen). Shared memory at hd 128 (bf16): Q 32 KiB + stages x (K + V) at 16 KiB per 64 keys.
+# Measured with the compile report (sm_90a, bf16, 16-divisible strides) under Triton 3.9 / 3.6: see aot_ws.py.
+_WS_FWD_CONFIGS = {
+    False: ((128, 128, 4, 2, WS_FWD), (128, 64, 4, 3, WS_FWD)),
+    True: ((128, 128, 4, 2, WS_FWD), (128, 64, 4, 3, WS_FWD)),
+}
+WS_MIN_LQ = 64  # shorter query blocks (decode, short prefill) waste most of a 128-row tile: not offered
+
+
+def ws_fwd_supported(device: torch.device, block_d: int, lq: int = None, tma: bool = False) -> bool:
+    """Whether the warp-specialised forward may be offered: CUDA capability 9.x with Triton's Hopper
+    warp-specialisation pass, tensors the TMA forward can address (``tma``, see ``launch.tma_usable``: unit-stride
+    16-byte aligned rows, head dim a power of two), head dim 16..128 and more than ``WS_MIN_LQ`` queries per
+    sequence (``lq``: the (max) query length; None: unknown, offered). Causal, bottom-right causal, GQA, key
+    padding, bidirectional image spans, varlen and routed output order are all served by the kernel."""
+    if not tma or device.type != "cuda" or not 16 <= block_d <= 128:
+        return False
+    if lq is not None and lq < WS_MIN_LQ:
+        return False
+    return torch.cuda.get_device_capability(device)[0] == 9 and hopper_ws_pass_available()
+
+
+def ws_fwd_tune_configs(device: torch.device, block_d: int, masked: bool, varlen: bool = False, lq: int = None,
+                        tma: bool = False) -> list:
+    """The warp-specialised forward's tuning candidates for this request (empty where it is not offered)."""
+    if not ws_fwd_supported(device, block_d, lq, tma):
+        return []
+    return list(_WS_FWD_CONFIGS[bool(masked or varlen)])
