@@ -103,7 +103,7 @@ def _default_scale(softmax_scale, hd):
 def triton_name(cfg) -> str:
     """Stable candidate name of our kernel with forward tile ``cfg`` = (BLOCK_M, BLOCK_N, warps, stages[, tma])."""
     bm, bn, nw, ns, *tma = cfg
-    return f"triton:{bm}x{bn}:w{nw}s{ns}" + (":tma" if tma and tma[0] else "")
+    return f"triton:{bm}x{bn}:w{nw}s{ns}" + {1: ":tma", 2: ":ws"}.get(tma[0] if tma else 0, "")  # 2: kernels_ws
 
 
 def parse_triton_name(name: str):
@@ -113,7 +113,7 @@ def parse_triton_name(name: str):
     _, tile, ws, *tma = name.split(":")
     bm, bn = tile.split("x")
     nw, ns = ws[1:].split("s")
-    return (int(bm), int(bn), int(nw), int(ns)) + ((1,) if tma == ["tma"] else ())
+    return (int(bm), int(bn), int(nw), int(ns)) + {("tma",): (1,), ("ws",): (2,)}.get(tuple(tma), ())
 
 
 def _candidates(req: _Request, run, device, masked: bool, lq: int, tma: bool) -> dict:

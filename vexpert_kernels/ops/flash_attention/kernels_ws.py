@@ -8,6 +8,15 @@ empty loop and stores nothing), no ``if``/``else`` on run-time values, Q/K/V by 
 with num_warps=4: the Hopper pass then splits the whole kernel into a TMA producer warpgroup and two wgmma consumer
 warpgroups (12 warps, ``setmaxnreg``).
 
+The Hopper pass hands every load inside the loop to the producer warpgroup and only knows TMA loads there (a
+pointer ``tl.load`` in the loop fails the pass: "unsupported load type for producer commit", and so does a
+[BLOCK_M] pointer load before the loop whose value the loop uses; scalar loads are fine). So the loop loads nothing
+through pointers: image spans are tested by range -- canonical span ids are contiguous runs, so key ``j`` lies in
+query ``i``'s span iff ``span_start[i] <= j - offset < span_end[i]``; both per-row bounds come by TMA before the
+loop from a [rows, 4] (start, end, tile max end, 0) buffer laid out per query tile by the launcher (``SPAN_START``; SPAN_END
+is unused) -- and the key
+padding keep flags through a [1, BLOCK_N] int8 tensor descriptor (the launcher gives them 16-byte aligned rows).
+
 Keys outside the tile's range never reach the accumulator as non-finite values: the K/V descriptors start at the
 first kept key of the row (key padding) and end at the tile's key bound ``hi``, so TMA zero-fills everything else
 (negative and past-the-end coordinates) -- no [BLOCK_N, D] select on V, which would pull V out of shared memory.
@@ -17,11 +26,11 @@ from __future__ import annotations
 from vexpert_kernels._triton_compat import HAS_TRITON, tl, triton  # noqa: F401
 
 if HAS_TRITON:
-    from .kernels import _dot, _key_range, _program_rows, _routed_rows, _row_offset, _visible
+    from .kernels import _dot, _program_rows, _routed_rows, _row_offset
 
     @triton.jit
     def _attn_fwd_ws_kernel(
-        Q, K, V, O, LSE, CU_Q, CU_K, KV_LO, KV_HI, KPM, SPAN, SPAN_END, OIDX,
+        Q, K, V, O, LSE, CU_Q, CU_K, KV_LO, KV_HI, KPM, SPAN_START, SPAN_END, OIDX,
         stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
         stride_ob, stride_oh, stride_ol, stride_lb, stride_lh, stride_ll, stride_mb, stride_sb, stride_ib,
         H, LQ, LK, T_OUT, qk_scale,
@@ -42,13 +51,27 @@ if HAS_TRITON:
         offs_d = tl.arange(0, BLOCK_D)
         m_valid = offs_m < len_q
         b64 = b.to(tl.int64)
-        span_b = SPAN + b64 * stride_sb + q_start
         qpos = offset + offs_m
-        qs = offs_m * 0
-        if BIDIR:
-            qs = tl.load(span_b + offs_m, mask=m_valid, other=0)
-        lo, hi = _key_range(b, start_m, len_q, len_k, offs_m, m_valid, KV_LO, KV_HI,
-                            SPAN_END + b64 * stride_sb + q_start, HAS_KPM, BIDIR, BLOCK_M, BLOCK_N)
+        # [lo, hi): the keys any row of this tile may see (as kernels._key_range, without pointer loads of rows)
+        q_end = tl.minimum(start_m + BLOCK_M, len_q)
+        if BIDIR:  # [span_lo, span_hi): each row's image span (query coords); (i, i + 1) outside images, 0 past len_q
+            # SPAN_START: [B * n_tiles * BLOCK_M, 4] int32 (start, end, tile's max end, 0) per row; one [BLOCK_M, 4]
+            # TMA box (16-byte rows; a [1, BLOCK_M] box is mis-split between the consumer warpgroups by the pass,
+            # and a reduction over the rows is not partitioned at all: the tile's max end is a scalar load)
+            row0 = (tl.program_id(1) * tl.num_programs(0) + pid_m) * BLOCK_M
+            sb = tl.make_tensor_descriptor(SPAN_START, shape=[row0 + BLOCK_M, 4], strides=[4, 1],
+                                           block_shape=[BLOCK_M, 4]).load([row0, 0])
+            # columns by reshape + split (the pass partitions those; a reduction over columns it cannot)
+            even, odd = tl.split(tl.reshape(sb, [BLOCK_M, 2, 2]))  # columns (0, 2) and (1, 3)
+            span_lo, _ = tl.split(even)
+            span_hi, _ = tl.split(odd)
+            q_end = tl.load(SPAN_START + row0.to(tl.int64) * 4 + 2)
+        hi = tl.minimum(offset + q_end, len_k)
+        lo = hi * 0
+        if HAS_KPM:  # rows of padded batches: keys before the first / after the last kept key are all masked
+            lo = tl.load(KV_LO + b)
+            hi = tl.minimum(hi, tl.load(KV_HI + b))
+        lo = (lo // BLOCK_N) * BLOCK_N
         # a query tile past the end of a short (varlen) sequence: no keys (instead of an early return, which the
         # warp-specialisation pass cannot partition)
         hi = tl.where(start_m < len_q, hi, lo)
@@ -68,6 +91,9 @@ if HAS_TRITON:
                                            shape=[tl.maximum(hi - k_first, 1), HEAD_DIM], strides=[stride_vl, 1],
                                            block_shape=[BLOCK_N, BLOCK_D])
         q = q_desc.load([start_m, 0])  # rows past len_q arrive as zeros
+        if HAS_KPM:  # keep flags [B, LK] int8, 16-byte aligned rows (launch_ws); keys past len_k arrive as 0
+            kpm_desc = tl.make_tensor_descriptor(KPM, shape=[b + 1, len_k], strides=[stride_mb, 1],
+                                                 block_shape=[1, BLOCK_N])
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -76,8 +102,14 @@ if HAS_TRITON:
             offs_n = start_n + offs_n0
             k = k_desc.load([start_n - k_first, 0])  # [BLOCK_N, D]; rows before k_first / from hi on: zeros
             s = _dot(q, tl.trans(k), UPCAST, PREC) * qk_scale  # log2 domain: qk_scale = softmax_scale * log2(e)
-            ok = _visible(offs_m, offs_n, m_valid, offs_n < hi, qpos, qs, b, offset, KPM, stride_mb, span_b,
-                          HAS_KPM, BIDIR)
+            # causal (bottom-right); keys from hi on are never visible to a real row (hi bounds its causal / span
+            # range, or the padding does), and rows past len_q are never stored
+            ok = offs_n[None, :] <= qpos[:, None]
+            if BIDIR:
+                kidx = (offs_n - offset)[None, :]
+                ok = ok | ((kidx >= span_lo[:, None]) & (kidx < span_hi[:, None]))
+            if HAS_KPM:
+                ok = ok & (kpm_desc.load([b, start_n]) != 0)  # [1, BLOCK_N] keep flags
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: no NaN

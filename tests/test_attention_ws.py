@@ -1,0 +1,252 @@
+"""The warp-specialised sm_90 attention forward (``flash_attention.kernels_ws``), checked without a GPU.
+
+* Every ``_WS_FWD_CONFIGS`` tile AOT-compiled for sm_90a (subprocess, the installed Triton; hd 128 and the variant
+  with the most live state for its mask kind) is really split: ``ttg.warp_specialize`` in the TTGIR, 12 warps (one
+  TMA producer + two wgmma consumer warpgroups), ``USETMAXREG`` in the SASS, wgmma, TMA loads, no spill, shared
+  memory within the 227 KiB of an sm_90 CTA. (The compile report compiles every ws spec for spills/TMA/ws too.)
+* Numerics vs float64 (Triton >= 3.9 interpreter on CPU -- it runs tensor descriptors and ignores the
+  warp-specialisation hint; on an sm_90 GPU the compiled kernel with a real tile): out and lse for causal with
+  Lk > Lq and GQA, key padding on both sides with inf under the padding plus bidirectional image spans, varlen
+  (an empty and a short sequence: query tiles past a sequence end run an empty loop), routed output order, grads
+  through the standard backward; outputs NaN-poisoned before launch.
+* When the candidate is offered: sm_90 with the Hopper pass, TMA-addressable tensors, not decode lengths.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vexpert_kernels._triton_compat import HAS_TRITON, TRITON_VERSION, triton
+from vexpert_kernels.ops.flash_attention import configs as fa_configs
+from vexpert_kernels.ops.flash_attention import flash_attention
+from vexpert_kernels.ops.flash_attention import launch as fa_launch
+from vexpert_kernels.ops.flash_attention.configs_ws import _WS_FWD_CONFIGS, WS_FWD, ws_fwd_tune_configs
+from vexpert_kernels.testing import rel_err
+from conftest import DEVICE, HAS_CUDA
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMEM_LIMIT = 232448  # 227 KiB: the most dynamic shared memory one sm_90 CTA may use
+
+
+def _version(v):
+    return tuple(int(p) for p in (v or "0.0").split(".")[:2] if p.isdigit())
+
+
+def _ws_runnable():
+    if not HAS_TRITON or not hasattr(triton, "set_allocator"):
+        return False
+    if HAS_CUDA:
+        return torch.cuda.get_device_capability()[0] == 9 and hasattr(triton.language, "make_tensor_descriptor")
+    return _version(TRITON_VERSION) >= (3, 9)
+
+
+needs_ws = pytest.mark.skipif(not _ws_runnable(), reason="the ws forward needs sm_90 on CUDA; the Triton "
+                              "interpreter runs tensor descriptors from 3.9 on")
+# interpreter: the smallest legal tiles (several query and key tiles per sequence); GPU: a real warp-specialised tile
+WS_TILE = (128, 64, 4, 2, WS_FWD) if HAS_CUDA else (16, 16, 4, 1, WS_FWD)
+DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
+TOL = 1e-5 if DTYPE == torch.float32 else 2e-2
+
+
+# ----------------------------------------------------------------------------------------------- configs / dispatch
+def test_ws_configs_follow_the_gate():
+    """What Triton 3.6 / 3.9 need to split an sm_90 kernel (docs/warp_specialization.md), and the task's tiles."""
+    tiles = [t for ts in _WS_FWD_CONFIGS.values() for t in ts]
+    assert tiles
+    for bm, bn, nw, ns, kind in tiles:
+        assert (bm, nw, kind) == (128, 4, WS_FWD) and bn in (64, 128) and ns in (2, 3), (bm, bn, nw, ns, kind)
+
+
+def test_ws_offered_only_on_sm90_with_tma(monkeypatch):
+    from vexpert_kernels.ops.flash_attention import configs_ws
+
+    dev = torch.device("cuda")
+    monkeypatch.setattr(configs_ws, "hopper_ws_pass_available", lambda: True)
+    for major, has in ((9, True), (8, False), (10, False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
+        for masked in (False, True):
+            cands = fa_configs.fwd_tune_configs(dev, 128, masked, False, 2048, tma=True)
+            ws = [c for c in cands if len(c) == 5 and c[4] == WS_FWD]
+            assert ws == (list(_WS_FWD_CONFIGS[masked]) if has else []), (major, masked, cands)
+            assert cands[0][4:] in ((), (0,)), "never the table's (untuned) choice"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert ws_fwd_tune_configs(dev, 128, False, False, 2048, tma=False) == []   # tensors not TMA-addressable
+    assert ws_fwd_tune_configs(dev, 128, False, False, 1, tma=True) == []      # decode
+    assert ws_fwd_tune_configs(torch.device("cpu"), 128, False, tma=True) == []
+    monkeypatch.setattr(configs_ws, "hopper_ws_pass_available", lambda: False)
+    assert ws_fwd_tune_configs(dev, 128, False, False, 2048, tma=True) == []   # no Hopper ws pass in this Triton
+
+
+def test_ws_candidate_name_round_trips():
+    from vexpert_kernels.ops.attention import api as att_api
+
+    for cfg in ((128, 64, 4, 3, WS_FWD), (128, 128, 8, 2, 1), (128, 64, 8, 3)):
+        assert att_api.parse_triton_name(att_api.triton_name(cfg)) == cfg
+    assert att_api.triton_name((128, 64, 4, 3, WS_FWD)).endswith(":ws")
+
+
+# ----------------------------------------------------------------------------------------------- numerics
+@pytest.fixture
+def _poison(monkeypatch):
+    monkeypatch.setattr(fa_launch, "_POISON_OUTPUTS", True)
+
+
+def _leaf(*shape, g):
+    return torch.randn(*shape, generator=g).to(DEVICE, DTYPE)
+
+
+def _compare(out, lse, ref, rlse):
+    assert rel_err(out, ref) < TOL
+    fin = torch.isfinite(rlse)
+    assert torch.equal(fin.cpu(), torch.isfinite(lse).cpu()) and rel_err(lse[fin], rlse[fin]) < TOL
+
+
+def _math(q, k, v, **kw):
+    from vexpert_kernels.ops import mixed_attention
+
+    return mixed_attention(*(t.detach().double().nan_to_num(posinf=0.0) for t in (q, k, v)), backend="math",
+                           return_lse=True, **kw)
+
+
+@needs_ws
+@pytest.mark.usefixtures("_poison")
+def test_ws_causal_gqa_offset_and_grads():
+    """Lk > Lq (bottom-right causal), GQA 4:2, odd lengths; grads of the ws forward's out/lse via the backward."""
+    g = torch.Generator().manual_seed(11)
+    B, H, KV, Lq, Lk, hd = 2, 4, 2, 37, 45, 16
+    q, k, v = _leaf(B, H, Lq, hd, g=g), _leaf(B, KV, Lk, hd, g=g), _leaf(B, KV, Lk, hd, g=g)
+    q.requires_grad_()
+    k.requires_grad_()
+    out, lse = flash_attention(q, k, v, fwd_config=WS_TILE)
+    ref, rlse = _math(q, k, v)
+    _compare(out, lse, ref, rlse)
+    plain = flash_attention(q.detach(), k.detach(), v)[0]  # the pointer kernel: same semantics
+    assert rel_err(out, plain) < (1e-6 if DTYPE == torch.float32 else 1e-2)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    qd, kd = (t.detach().double().requires_grad_() for t in (q, k))
+    from vexpert_kernels.ops import mixed_attention
+
+    want = torch.autograd.grad((mixed_attention(qd, kd, v.double(), backend="math") * w).sum(), (qd, kd))
+    got = torch.autograd.grad((out.double() * w).sum(), (q, k))
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < (TOL if DTYPE == torch.float32 else 4 * TOL)
+
+
+@needs_ws
+@pytest.mark.usefixtures("_poison")
+def test_ws_padding_both_sides_and_bidirectional_spans():
+    """Left padding (the K/V descriptors start at the first kept key: negative TMA coordinates), right padding,
+    inf in K and V under the padding (must not leak), a fully padded row (out 0, lse -inf), image spans."""
+    g = torch.Generator().manual_seed(12)
+    B, H, Lq, Lk, hd = 3, 2, 29, 29, 16
+    q, k, v = _leaf(B, H, Lq, hd, g=g), _leaf(B, H, Lk, hd, g=g), _leaf(B, H, Lk, hd, g=g)
+    kpm = torch.ones(B, Lk, dtype=torch.bool, device=DEVICE)
+    kpm[0, :5] = False    # left padding (not tile-aligned)
+    kpm[1, -7:] = False   # right padding
+    kpm[2, :] = False     # nothing kept: every row empty
+    for t in (k, v):
+        t[0, :, :5] = float("inf")
+        t[1, :, -7:] = float("inf")
+    span = torch.zeros(B, Lq, dtype=torch.int32, device=DEVICE)
+    span[0, 3:12] = 1     # starts inside the left padding
+    span[1, 14:26] = 2    # crosses a 16-row tile boundary
+    span[2, 1:4] = 1
+    out, lse = flash_attention(q, k, v, key_padding_mask=kpm, image_span_ids=span, bidirectional=True,
+                               fwd_config=WS_TILE)
+    ref, rlse = _math(q, k, v, key_padding_mask=kpm, image_span_ids=span, image_attention="bidirectional")
+    assert torch.isneginf(lse[2]).all() and (out[2] == 0).all()
+    _compare(out, lse, ref, rlse)
+
+
+@needs_ws
+@pytest.mark.usefixtures("_poison")
+def test_ws_varlen_bidirectional():
+    from vexpert_kernels.ops import mixed_attention_varlen
+
+    g = torch.Generator().manual_seed(13)
+    H, KV, hd = 2, 1, 16
+    cu = torch.tensor([0, 35, 35, 41], dtype=torch.int32, device=DEVICE)  # long, empty, short sequence
+    T = 41
+    q, k, v = _leaf(T, H, hd, g=g), _leaf(T, KV, hd, g=g), _leaf(T, KV, hd, g=g)
+    span = torch.zeros(T, dtype=torch.int32, device=DEVICE)
+    span[4:20] = 3
+    span[37:40] = 3
+    kw = dict(image_span_ids=span, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=35, max_seqlen_k=35)
+    out, lse = flash_attention(q, k, v, bidirectional=True, fwd_config=WS_TILE, **kw)
+    ref, rlse = mixed_attention_varlen(*(t.double() for t in (q, k, v)), cu, cu, 35, 35, image_span_ids=span,
+                                       image_attention="bidirectional", backend="math", return_lse=True)
+    _compare(out, lse, ref, rlse)
+
+
+@needs_ws
+@pytest.mark.usefixtures("_poison")
+def test_ws_routed_output_order():
+    g = torch.Generator().manual_seed(14)
+    B, H, KV, L, hd = 2, 2, 1, 21, 16
+    q, k, v = _leaf(B, H, L, hd, g=g), _leaf(B, KV, L, hd, g=g), _leaf(B, KV, L, hd, g=g)
+    oidx = torch.randperm(B * L, generator=g).view(B, L).to(DEVICE)
+    out, lse = flash_attention(q, k, v, fwd_config=WS_TILE, out_index=oidx)
+    ref, rlse = _math(q, k, v)
+    routed = torch.zeros(B * L, H * hd, dtype=torch.float64, device=DEVICE)
+    routed[oidx.reshape(-1)] = ref.transpose(1, 2).reshape(B * L, H * hd)
+    _compare(out, lse, routed, rlse)
+
+
+# ----------------------------------------------------------------------------------------------- sm_90a compiles
+_PROBE = r"""
+import json, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from vexpert_kernels import compile_report as cr
+from vexpert_kernels.ops.flash_attention import aot_ws
+for tile, variant in json.loads(sys.argv[1]):
+    spec = aot_ws.ws_fwd_spec(tuple(tile), "bf16", 128, tuple(variant))
+    sig = cr._full_signature(spec.fn, spec)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(sig.items())
+             if t.startswith("*") or n in spec.extra.get("divisible_by_16", ())}
+    k = triton.compile(ASTSource(fn=spec.fn, signature=sig, constexprs=dict(spec.constexprs), attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+    try:
+        sass = subprocess.run([cr._cuobjdump_path(), "--dump-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+        usage = subprocess.run([cr._cuobjdump_path(), "--dump-resource-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    res = cr.parse_resource_usage(usage, k.metadata.name)
+    print(json.dumps({"name": spec.name, "ws": cr.ttgir_warp_specialized(k.asm["ttgir"]),
+                      "setmaxreg": len(re.findall(r"\bUSETMAXREG\b", sass)), "warps": k.metadata.num_warps,
+                      "shared": int(k.metadata.shared), "stack": res["stack"], "local": res["local"],
+                      "wgmma": "wgmma.mma_async" in k.asm["ptx"], "hgmma": sass.count("HGMMA"),
+                      "utmaldg": sass.count("UTMALDG")}), flush=True)
+"""
+
+
+def test_ws_configs_are_warp_specialised_on_sm90():
+    from vexpert_kernels.ops.flash_attention.aot_ws import WS_VARIANTS
+
+    # per tile: the variant with the most live state of its mask kind (routed GQA / padded bidirectional)
+    jobs = [(tile, WS_VARIANTS[masked][0 if masked else 1]) for masked, tiles in sorted(_WS_FWD_CONFIGS.items())
+            for tile in tiles]
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    res = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(jobs)], capture_output=True, text=True, env=env,
+                         timeout=900, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == len(jobs)
+    for r in rows:
+        assert r["ws"], f"{r['name']}: Triton {TRITON_VERSION} did not split it (no ttg.warp_specialize)"
+        assert r["warps"] == 12 and r["setmaxreg"] > 0, f"{r['name']}: expected 3 warpgroups + setmaxnreg: {r}"
+        assert r["wgmma"] and r["hgmma"] > 0 and r["utmaldg"] > 0, f"{r['name']}: lost wgmma / TMA loads: {r}"
+        assert r["stack"] == 0 and r["local"] == 0, f"{r['name']} spills: {r}"
+        assert r["shared"] <= SMEM_LIMIT, f"{r['name']}: {r['shared']} B shared memory > 227 KiB"
