@@ -93,7 +93,18 @@ def test_ws_candidate_name_round_trips():
 # ----------------------------------------------------------------------------------------------- numerics
 @pytest.fixture
 def _poison(monkeypatch):
+    """NaN-poisoned outputs, and the ws launcher must really run (not the pointer/TMA kernel)."""
     monkeypatch.setattr(fa_launch, "_POISON_OUTPUTS", True)
+    calls = []
+    real = fa_launch.ws_fwd_launch
+
+    def spy(*args, **kwargs):
+        calls.append(args[7:9])  # (BLOCK_M, BLOCK_N)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fa_launch, "ws_fwd_launch", spy)
+    yield
+    assert calls and all(c == WS_TILE[:2] for c in calls), calls
 
 
 def _leaf(*shape, g):

@@ -58,7 +58,7 @@ if HAS_TRITON:
             # SPAN_START: [B * n_tiles * BLOCK_M, 4] int32 (start, end, tile's max end, 0) per row; one [BLOCK_M, 4]
             # TMA box (16-byte rows; a [1, BLOCK_M] box is mis-split between the consumer warpgroups by the pass,
             # and a reduction over the rows is not partitioned at all: the tile's max end is a scalar load)
-            row0 = (tl.program_id(1) * tl.num_programs(0) + pid_m) * BLOCK_M
+            row0 = (b * tl.num_programs(0) + pid_m) * BLOCK_M
             sb = tl.make_tensor_descriptor(SPAN_START, shape=[row0 + BLOCK_M, 4], strides=[4, 1],
                                            block_shape=[BLOCK_M, 4]).load([row0, 0])
             # columns by reshape + split (the pass partitions those; a reduction over columns it cannot)
