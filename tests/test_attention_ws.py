@@ -99,7 +99,7 @@ def _poison(monkeypatch):
     real = fa_launch.ws_fwd_launch
 
     def spy(*args, **kwargs):
-        calls.append(args[7:9])  # (BLOCK_M, BLOCK_N)
+        calls.append(args[8:10])  # (BLOCK_M, BLOCK_N)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fa_launch, "ws_fwd_launch", spy)
