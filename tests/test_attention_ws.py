@@ -242,6 +242,19 @@ for tile, variant in json.loads(sys.argv[1]):
 """
 
 
+def test_ws_specs_are_listed_for_the_compile_report():
+    """The compile report (and its CI test: compile errors, spills, missing TMA, lost warp specialisation) sees a
+    spec of every ws tile, all sm_90-only, asking for TMA and warp specialisation."""
+    from vexpert_kernels import compile_report as cr
+
+    specs = cr.load_specs("vexpert_kernels.ops.flash_attention.kernels_ws")
+    assert all(s.targets == (90,) and s.expects_tma and s.constexprs["WARP_SPEC"] and s.num_warps == 4
+               for s in specs)
+    tiles = {(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.num_warps, s.num_stages, WS_FWD) for s in specs}
+    assert tiles == {t for ts in _WS_FWD_CONFIGS.values() for t in ts}
+    assert {s.name.split(",")[1] for s in specs} == {"causal", "causal_gqa4_routed", "padded_bidir", "varlen_bidir"}
+
+
 def test_ws_configs_are_warp_specialised_on_sm90():
     from vexpert_kernels.ops.flash_attention.aot_ws import WS_VARIANTS
 

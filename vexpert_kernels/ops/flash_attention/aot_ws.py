@@ -1,6 +1,7 @@
-"""AOT compile specs of the warp-specialised sm_90 forward (``python -m vexpert_kernels.compile_report --module
-vexpert_kernels.ops.flash_attention.aot_ws --arch 90``): every ``_WS_FWD_CONFIGS`` tile x bf16/fp16 x head dim 64 /
-128 x mask variant. ``WARP_SPEC=True`` makes the compile report flag a spec that is not split on sm_90."""
+"""AOT compile specs of the warp-specialised sm_90 forward: every ``_WS_FWD_CONFIGS`` tile x bf16/fp16 x head dim
+64 / 128 x mask variant. The compile report finds them through ``kernels_ws.aot_compile_specs`` (the module that owns
+the kernel; ``python -m vexpert_kernels.compile_report --module vexpert_kernels.ops.flash_attention.kernels_ws
+--arch 90``). ``WARP_SPEC=True`` makes the report flag a spec that is not split on sm_90."""
 from __future__ import annotations
 
 import torch
@@ -45,7 +46,7 @@ def ws_fwd_spec(tile, dname: str, hd: int, variant: tuple) -> CompileSpec:
                        extra={"divisible_by_16": list(_STRIDES[:12])})
 
 
-def aot_compile_specs() -> list:
+def build_ws_aot_specs() -> list:
     """Every warp-specialised forward config x dtype x head dim x mask variant the tuner may offer (sm_90 only)."""
     if not HAS_TRITON:
         return []

@@ -134,3 +134,10 @@ if HAS_TRITON:
                      mask=m_valid[:, None])
         l_ptr = LSE + _row_offset(b, h, q_start, stride_lb, stride_lh, stride_ll)
         tl.store(l_ptr + offs_m * stride_ll, lse, mask=m_valid)
+
+
+def aot_compile_specs() -> list:
+    """The compile report discovers the module that owns the kernel; the specs are built in :mod:`.aot_ws`."""
+    from .aot_ws import build_ws_aot_specs
+
+    return build_ws_aot_specs()
