@@ -128,7 +128,7 @@ def test_tma_usable_and_offered_only_on_sm90(monkeypatch):
         cands = fa_configs.fwd_tune_configs(dev, 128, False, False, 2048, tma=True)
         assert any(len(c) == 5 for c in cands) == has
         masked = fa_configs.fwd_tune_configs(dev, 128, True, False, 2048, tma=True)
-        assert all(c[1] <= 64 for c in masked if len(c) == 5 and c[4] == 1)  # 128-key TMA tile spills (masked)
+        assert all(c[1] <= 64 for c in masked if len(c) == 5)  # the 128-key TMA tile spills when masked
     assert fa_configs.fwd_tune_configs(dev, 128, False, False, 2048, tma=False) == \
         fa_configs.fwd_tune_configs(dev, 128, False, False, 2048)
 

@@ -6,10 +6,11 @@
   memory within the 227 KiB of an sm_90 CTA. (The compile report compiles every ws spec for spills/TMA/ws too.)
 * Numerics vs float64 (Triton >= 3.9 interpreter on CPU -- it runs tensor descriptors and ignores the
   warp-specialisation hint; on an sm_90 GPU the compiled kernel with a real tile): out and lse for causal with
-  Lk > Lq and GQA, key padding on both sides with inf under the padding plus bidirectional image spans, varlen
-  (an empty and a short sequence: query tiles past a sequence end run an empty loop), routed output order, grads
-  through the standard backward; outputs NaN-poisoned before launch.
-* When the candidate is offered: sm_90 with the Hopper pass, TMA-addressable tensors, not decode lengths.
+  Lk > Lq and GQA, key padding on both sides and a hole with inf under the padding, varlen (an empty and a short
+  sequence: query tiles past a sequence end run an empty loop) with routed output order, routed dense output,
+  grads through the standard backward; outputs NaN-poisoned before launch, and the ws launcher must have run.
+* When the dispatcher offers the candidate: sm_90 with the Hopper pass, TMA-addressable tensors, not decode lengths,
+  no bidirectional image spans (which the kernel does not serve: a clear error if forced).
 """
 import json
 import os
@@ -20,7 +21,6 @@ import pytest
 import torch
 
 from vexpert_kernels._triton_compat import HAS_TRITON, TRITON_VERSION, triton
-from vexpert_kernels.ops.flash_attention import configs as fa_configs
 from vexpert_kernels.ops.flash_attention import flash_attention
 from vexpert_kernels.ops.flash_attention import launch as fa_launch
 from vexpert_kernels.ops.flash_attention.configs_ws import _WS_FWD_CONFIGS, WS_FWD, ws_fwd_tune_configs
@@ -62,24 +62,41 @@ def test_ws_configs_follow_the_gate():
         assert (bm, nw, kind) == (128, 4, WS_FWD) and bn in (64, 128) and ns in (2, 3), (bm, bn, nw, ns, kind)
 
 
+def _offered(req_kw, lq=2048, tma=True):
+    """The ':ws' names the attention dispatcher hands autotune.select for a CUDA request."""
+    from vexpert_kernels.ops.attention import api as att_api
+    from vexpert_kernels.ops.attention.dispatch import _Request
+
+    kw = dict(device="cuda", dtype=torch.bfloat16, head_dim=128, gqa=True, kv_offset=False, padding=False,
+              bidir=False, bias=False, need_lse=True, varlen=False)
+    kw.update(req_kw)
+    req = _Request(**kw)
+    names = list(att_api._candidates(req, lambda name: None, torch.device("cuda"), req.padding or req.bidir, lq, tma))
+    return [n for n in names if n.endswith(":ws")], names
+
+
 def test_ws_offered_only_on_sm90_with_tma(monkeypatch):
+    from vexpert_kernels.ops.attention import dispatch
     from vexpert_kernels.ops.flash_attention import configs_ws
 
-    dev = torch.device("cuda")
+    monkeypatch.setitem(dispatch._AVAILABILITY, "triton", None)  # as on a GPU machine
     monkeypatch.setattr(configs_ws, "hopper_ws_pass_available", lambda: True)
     for major, has in ((9, True), (8, False), (10, False)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
         for masked in (False, True):
-            cands = fa_configs.fwd_tune_configs(dev, 128, masked, False, 2048, tma=True)
-            ws = [c for c in cands if len(c) == 5 and c[4] == WS_FWD]
-            assert ws == (list(_WS_FWD_CONFIGS[masked]) if has else []), (major, masked, cands)
-            assert cands[0][4:] in ((), (0,)), "never the table's (untuned) choice"
+            ws, names = _offered(dict(padding=masked))
+            want = [f"triton:{bm}x{bn}:w{nw}s{ns}:ws" for bm, bn, nw, ns, _ in _WS_FWD_CONFIGS[masked]] if has else []
+            assert ws == want, (major, masked, names)
+            assert not names[0].endswith(":ws"), "never the table's (untuned) choice"
+        assert _offered(dict(varlen=True))[0] == (list(want) if has else [])
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert ws_fwd_tune_configs(dev, 128, False, False, 2048, tma=False) == []   # tensors not TMA-addressable
-    assert ws_fwd_tune_configs(dev, 128, False, False, 1, tma=True) == []      # decode
+    assert _offered({})[0]
+    assert _offered(dict(bidir=True))[0] == []    # image spans: not served
+    assert _offered({}, tma=False)[0] == []       # tensors not TMA-addressable
+    assert _offered({}, lq=1)[0] == []            # decode
     assert ws_fwd_tune_configs(torch.device("cpu"), 128, False, tma=True) == []
     monkeypatch.setattr(configs_ws, "hopper_ws_pass_available", lambda: False)
-    assert ws_fwd_tune_configs(dev, 128, False, False, 2048, tma=True) == []   # no Hopper ws pass in this Triton
+    assert _offered({})[0] == []                  # no Hopper ws pass in this Triton
 
 
 def test_ws_candidate_name_round_trips():
@@ -150,48 +167,54 @@ def test_ws_causal_gqa_offset_and_grads():
 
 @needs_ws
 @pytest.mark.usefixtures("_poison")
-def test_ws_padding_both_sides_and_bidirectional_spans():
-    """Left padding (the K/V descriptors start at the first kept key: negative TMA coordinates), right padding,
-    inf in K and V under the padding (must not leak), a fully padded row (out 0, lse -inf), image spans."""
+def test_ws_padding_both_sides():
+    """Lk > Lq, left padding (the K/V descriptors start at the first kept key: negative TMA coordinates), right
+    padding, a hole, inf in K and V under the left/right padding (must not leak), a fully padded row (out 0, lse
+    -inf), GQA."""
     g = torch.Generator().manual_seed(12)
-    B, H, Lq, Lk, hd = 3, 2, 29, 29, 16
-    q, k, v = _leaf(B, H, Lq, hd, g=g), _leaf(B, H, Lk, hd, g=g), _leaf(B, H, Lk, hd, g=g)
+    B, H, KV, Lq, Lk, hd = 3, 4, 2, 29, 35, 16  # queries are the last Lq key positions
+    q, k, v = _leaf(B, H, Lq, hd, g=g), _leaf(B, KV, Lk, hd, g=g), _leaf(B, KV, Lk, hd, g=g)
     kpm = torch.ones(B, Lk, dtype=torch.bool, device=DEVICE)
     kpm[0, :5] = False    # left padding (not tile-aligned)
+    kpm[0, 20:23] = False  # a hole: masked through the keep flags
     kpm[1, -7:] = False   # right padding
     kpm[2, :] = False     # nothing kept: every row empty
     for t in (k, v):
         t[0, :, :5] = float("inf")
         t[1, :, -7:] = float("inf")
-    span = torch.zeros(B, Lq, dtype=torch.int32, device=DEVICE)
-    span[0, 3:12] = 1     # starts inside the left padding
-    span[1, 14:26] = 2    # crosses a 16-row tile boundary
-    span[2, 1:4] = 1
-    out, lse = flash_attention(q, k, v, key_padding_mask=kpm, image_span_ids=span, bidirectional=True,
-                               fwd_config=WS_TILE)
-    ref, rlse = _math(q, k, v, key_padding_mask=kpm, image_span_ids=span, image_attention="bidirectional")
+    out, lse = flash_attention(q, k, v, key_padding_mask=kpm, fwd_config=WS_TILE)
+    ref, rlse = _math(q, k, v, key_padding_mask=kpm)
     assert torch.isneginf(lse[2]).all() and (out[2] == 0).all()
     _compare(out, lse, ref, rlse)
 
 
+def test_ws_rejects_image_spans():
+    x = torch.randn(1, 2, 8, 16).to(DEVICE, DTYPE)
+    span = torch.ones(1, 8, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="image spans"):
+        flash_attention(x, x, x, image_span_ids=span, bidirectional=True, fwd_config=WS_TILE)
+
+
 @needs_ws
 @pytest.mark.usefixtures("_poison")
-def test_ws_varlen_bidirectional():
+def test_ws_varlen_routed():
+    """Packed sequences (long, empty, short: query tiles past a sequence end run an empty loop), output in a routed
+    row order."""
     from vexpert_kernels.ops import mixed_attention_varlen
 
     g = torch.Generator().manual_seed(13)
     H, KV, hd = 2, 1, 16
-    cu = torch.tensor([0, 35, 35, 41], dtype=torch.int32, device=DEVICE)  # long, empty, short sequence
+    cu = torch.tensor([0, 35, 35, 41], dtype=torch.int32, device=DEVICE)
     T = 41
     q, k, v = _leaf(T, H, hd, g=g), _leaf(T, KV, hd, g=g), _leaf(T, KV, hd, g=g)
-    span = torch.zeros(T, dtype=torch.int32, device=DEVICE)
-    span[4:20] = 3
-    span[37:40] = 3
-    kw = dict(image_span_ids=span, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=35, max_seqlen_k=35)
-    out, lse = flash_attention(q, k, v, bidirectional=True, fwd_config=WS_TILE, **kw)
-    ref, rlse = mixed_attention_varlen(*(t.double() for t in (q, k, v)), cu, cu, 35, 35, image_span_ids=span,
-                                       image_attention="bidirectional", backend="math", return_lse=True)
-    _compare(out, lse, ref, rlse)
+    oidx = torch.randperm(T, generator=g).to(DEVICE)
+    kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=35, max_seqlen_k=35)
+    out, lse = flash_attention(q, k, v, fwd_config=WS_TILE, out_index=oidx, **kw)
+    ref, rlse = mixed_attention_varlen(*(t.double() for t in (q, k, v)), cu, cu, 35, 35, backend="math",
+                                       return_lse=True)
+    routed = torch.zeros(T, H * hd, dtype=torch.float64, device=DEVICE)
+    routed[oidx] = ref.reshape(T, H * hd)
+    _compare(out, lse, routed, rlse)
 
 
 @needs_ws
@@ -252,13 +275,13 @@ def test_ws_specs_are_listed_for_the_compile_report():
                for s in specs)
     tiles = {(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.num_warps, s.num_stages, WS_FWD) for s in specs}
     assert tiles == {t for ts in _WS_FWD_CONFIGS.values() for t in ts}
-    assert {s.name.split(",")[1] for s in specs} == {"causal", "causal_gqa4_routed", "padded_bidir", "varlen_bidir"}
+    assert {s.name.split(",")[1] for s in specs} == {"causal", "causal_gqa4_routed", "padded", "varlen_routed"}
 
 
 def test_ws_configs_are_warp_specialised_on_sm90():
     from vexpert_kernels.ops.flash_attention.aot_ws import WS_VARIANTS
 
-    # per tile: the variant with the most live state of its mask kind (routed GQA / padded bidirectional)
+    # per tile: the variant with the most live state of its mask kind (routed GQA / key padding)
     jobs = [(tile, WS_VARIANTS[masked][0 if masked else 1]) for masked, tiles in sorted(_WS_FWD_CONFIGS.items())
             for tile in tiles]
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")

@@ -6,6 +6,7 @@ import math
 import torch
 
 from vexpert_kernels.ops.flash_attention import flash_attention, fwd_tune_configs, tma_usable
+from vexpert_kernels.ops.flash_attention.configs_ws import ws_fwd_tune_configs
 
 from vexpert_kernels.validation import check_cu_seqlens, check_positive_finite, check_tensor, debug_checks_enabled
 
@@ -130,6 +131,8 @@ def _candidates(req: _Request, run, device, masked: bool, lq: int, tma: bool) ->
         if b == "triton":
             block_d = max(16, 1 << (req.head_dim - 1).bit_length())
             names += [triton_name(c) for c in fwd_tune_configs(device, block_d, masked, req.varlen, lq, tma)]
+            names += [triton_name(c) for c in ws_fwd_tune_configs(device, block_d, masked, req.varlen, lq, tma,
+                                                                   req.bidir)]  # sm_90 warp-specialised forward
         else:
             names.append(b)
     static = static_backend(req)

@@ -18,9 +18,10 @@ if HAS_TRITON:  # the package imports (and uses the PyTorch backends) without Tr
 _STRIDES = ("stride_qb", "stride_qh", "stride_ql", "stride_kb", "stride_kh", "stride_kl", "stride_vb", "stride_vh",
             "stride_vl", "stride_ob", "stride_oh", "stride_ol", "stride_lb", "stride_lh", "stride_ll", "stride_mb",
             "stride_sb", "stride_ib")
-# (name, GQA group, varlen, key padding, bidirectional, routed order out); masked = padding, spans or varlen
+# (name, GQA group, varlen, key padding, bidirectional, routed order out); masked = padding or varlen (the ws
+# kernel serves no image spans)
 WS_VARIANTS = {False: (("causal", 1, False, False, False, False), ("causal_gqa4_routed", 4, False, False, False, True)),
-               True: (("padded_bidir", 1, False, True, True, False), ("varlen_bidir", 1, True, False, True, False))}
+               True: (("padded", 1, False, True, False, False), ("varlen_routed", 1, True, False, False, True))}
 
 
 def ws_fwd_spec(tile, dname: str, hd: int, variant: tuple) -> CompileSpec:

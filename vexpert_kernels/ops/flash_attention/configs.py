@@ -5,8 +5,6 @@ import torch
 
 from vexpert_kernels._triton_compat import HAS_TRITON, triton
 
-from .configs_ws import ws_fwd_tune_configs
-
 # ----------------------------------------------------------------------------------------------------------- configs
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, keyed by (compute capability major, head-dim bucket, masked),
 # where masked = key padding and/or bidirectional image spans (more live registers: span ids, padding vectors).
@@ -106,5 +104,4 @@ def fwd_tune_configs(device: torch.device, block_d: int, masked: bool, varlen: b
     out = [first] + [c for c in _FWD_TUNE_ALTERNATIVES[_d_bucket(block_d)] if c != first]
     if tma and torch.cuda.get_device_capability(device)[0] >= 9:
         out += list(_TMA_FWD_CONFIGS[bool(masked or varlen)])
-    out += ws_fwd_tune_configs(device, block_d, masked, varlen, lq, tma)  # configs_ws.py: sm_90 warp-specialised
     return out

@@ -14,7 +14,7 @@ WS_FWD = 2  # 5th entry of a forward config: the warp-specialised TMA kernel
 
 # num_warps=4 is the Hopper pass's gate (3 warpgroups after the split: one TMA producer, two wgmma consumers of 64
 # query rows each); BLOCK_M 128 gives each consumer warpgroup one m64 wgmma row block. Keyed by masked (key padding,
-# image spans or varlen). Shared memory at hd 128 (bf16): Q 32 KiB + stages x (K + V) at 16 KiB per 64 keys.
+# or varlen; image spans are not served). Shared memory at hd 128 (bf16): Q 32 KiB + stages x (K + V) at 16 KiB per 64 keys.
 # Measured with the compile report (sm_90a, bf16, 16-divisible strides) under Triton 3.9 / 3.6: see aot_ws.py.
 _WS_FWD_CONFIGS = {
     False: ((128, 128, 4, 2, WS_FWD), (128, 64, 4, 3, WS_FWD)),
@@ -23,13 +23,14 @@ _WS_FWD_CONFIGS = {
 WS_MIN_LQ = 64  # shorter query blocks (decode, short prefill) waste most of a 128-row tile: not offered
 
 
-def ws_fwd_supported(device: torch.device, block_d: int, lq: int = None, tma: bool = False) -> bool:
+def ws_fwd_supported(device: torch.device, block_d: int, lq: int = None, tma: bool = False,
+                     bidir: bool = False) -> bool:
     """Whether the warp-specialised forward may be offered: CUDA capability 9.x with Triton's Hopper
-    warp-specialisation pass, tensors the TMA forward can address (``tma``, see ``launch.tma_usable``: unit-stride
-    16-byte aligned rows, head dim a power of two), head dim 16..128 and more than ``WS_MIN_LQ`` queries per
-    sequence (``lq``: the (max) query length; None: unknown, offered). Causal, bottom-right causal, GQA, key
-    padding, bidirectional image spans, varlen and routed output order are all served by the kernel."""
-    if not tma or device.type != "cuda" or not 16 <= block_d <= 128:
+    warp-specialisation pass, tensors the TMA kernels can address (``tma``, see ``launch.tma_usable``: unit-stride
+    16-byte aligned rows, head dim a power of two), head dim 16..128, at least ``WS_MIN_LQ`` queries per sequence
+    (``lq``: the (max) query length; None: unknown, offered) and no bidirectional image spans (``bidir``). Causal
+    (bottom-right for Lk > Lq), GQA, key padding, varlen and routed output order are served."""
+    if not tma or bidir or device.type != "cuda" or not 16 <= block_d <= 128:
         return False
     if lq is not None and lq < WS_MIN_LQ:
         return False
@@ -37,8 +38,9 @@ def ws_fwd_supported(device: torch.device, block_d: int, lq: int = None, tma: bo
 
 
 def ws_fwd_tune_configs(device: torch.device, block_d: int, masked: bool, varlen: bool = False, lq: int = None,
-                        tma: bool = False) -> list:
-    """The warp-specialised forward's tuning candidates for this request (empty where it is not offered)."""
-    if not ws_fwd_supported(device, block_d, lq, tma):
+                        tma: bool = False, bidir: bool = False) -> list:
+    """The warp-specialised forward's tuning candidates for this request (empty where it is not offered);
+    ``masked``: key padding or image spans (as ``configs.fwd_tune_configs``)."""
+    if not ws_fwd_supported(device, block_d, lq, tma, bidir):
         return []
     return list(_WS_FWD_CONFIGS[bool(masked or varlen)])

@@ -1,8 +1,9 @@
 """Warp-specialised sm_90 attention forward: ``_attn_fwd_ws_kernel`` (``@triton.jit`` only, behind one ``if HAS_TRITON:``).
 
-Same arguments, masking model and outputs as ``kernels._attn_fwd_kernel`` (see the package map), written in the one
+Same arguments, masking model and outputs as ``kernels._attn_fwd_kernel`` (see the package map) except image
+spans, written in the one
 form Triton 3.6 / 3.9 warp-specialise on sm_90a (docs/warp_specialization.md): ONE key loop
-``tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC)`` with the causal / span / padding mask computed on every
+``tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC)`` with the causal / padding mask computed on every
 tile (no interior/edge split into two loops), no early ``return`` (a query tile past a short varlen sequence runs an
 empty loop and stores nothing), no ``if``/``else`` on run-time values, Q/K/V by tensor descriptors (TMA), launched
 with num_warps=4: the Hopper pass then splits the whole kernel into a TMA producer warpgroup and two wgmma consumer
@@ -11,11 +12,9 @@ warpgroups (12 warps, ``setmaxnreg``).
 The Hopper pass hands every load inside the loop to the producer warpgroup and only knows TMA loads there (a
 pointer ``tl.load`` in the loop fails the pass: "unsupported load type for producer commit", and so does a
 [BLOCK_M] pointer load before the loop whose value the loop uses; scalar loads are fine). So the loop loads nothing
-through pointers: image spans are tested by range -- canonical span ids are contiguous runs, so key ``j`` lies in
-query ``i``'s span iff ``span_start[i] <= j - offset < span_end[i]``; both per-row bounds come by TMA before the
-loop from a [rows, 4] (start, end, tile max end, 0) buffer laid out per query tile by the launcher (``SPAN_START``; SPAN_END
-is unused) -- and the key
-padding keep flags through a [1, BLOCK_N] int8 tensor descriptor (the launcher gives them 16-byte aligned rows).
+through pointers: the key padding keep flags come through a [1, BLOCK_N] int8 tensor descriptor (``launch_ws``
+gives them 16-byte aligned rows). Bidirectional image spans are NOT served (``BIDIR`` must be false): every
+formulation tried crashed the pass under Triton 3.6 and/or 3.9 (docs/warp_specialization.md, "Attention").
 
 Keys outside the tile's range never reach the accumulator as non-finite values: the K/V descriptors start at the
 first kept key of the row (key padding) and end at the tile's key bound ``hi``, so TMA zero-fills everything else
@@ -41,6 +40,7 @@ if HAS_TRITON:
     ):
         # USE_TMA is always true here (the launcher passes it to either forward kernel); HEAD_DIM == BLOCK_D (TMA)
         tl.static_assert(HEAD_DIM == BLOCK_D)
+        tl.static_assert(not BIDIR)  # image spans: not served (module docstring); SPAN_START / SPAN_END unused
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heavy (late) causal tiles first
         b, h, q_start, len_q, k_start, len_k = _program_rows(tl.program_id(1), H, CU_Q, CU_K, LQ, LK, IS_VARLEN)
         kvh = h // GROUP
@@ -52,20 +52,8 @@ if HAS_TRITON:
         m_valid = offs_m < len_q
         b64 = b.to(tl.int64)
         qpos = offset + offs_m
-        # [lo, hi): the keys any row of this tile may see (as kernels._key_range, without pointer loads of rows)
+        # [lo, hi): the keys any row of this tile may see (kernels._key_range without image spans)
         q_end = tl.minimum(start_m + BLOCK_M, len_q)
-        if BIDIR:  # [span_lo, span_hi): each row's image span (query coords); (i, i + 1) outside images, 0 past len_q
-            # SPAN_START: [B * n_tiles * BLOCK_M, 4] int32 (start, end, tile's max end, 0) per row; one [BLOCK_M, 4]
-            # TMA box (16-byte rows; a [1, BLOCK_M] box is mis-split between the consumer warpgroups by the pass,
-            # and a reduction over the rows is not partitioned at all: the tile's max end is a scalar load)
-            row0 = (b * tl.num_programs(0) + pid_m) * BLOCK_M
-            sb = tl.make_tensor_descriptor(SPAN_START, shape=[row0 + BLOCK_M, 4], strides=[4, 1],
-                                           block_shape=[BLOCK_M, 4]).load([row0, 0])
-            # columns by reshape + split (the pass partitions those; a reduction over columns it cannot)
-            even, odd = tl.split(tl.reshape(sb, [BLOCK_M, 2, 2]))  # columns (0, 2) and (1, 3)
-            span_lo, _ = tl.split(even)
-            span_hi, _ = tl.split(odd)
-            q_end = tl.load(SPAN_START + row0.to(tl.int64) * 4 + 2)
         hi = tl.minimum(offset + q_end, len_k)
         lo = hi * 0
         if HAS_KPM:  # rows of padded batches: keys before the first / after the last kept key are all masked
@@ -102,12 +90,9 @@ if HAS_TRITON:
             offs_n = start_n + offs_n0
             k = k_desc.load([start_n - k_first, 0])  # [BLOCK_N, D]; rows before k_first / from hi on: zeros
             s = _dot(q, tl.trans(k), UPCAST, PREC) * qk_scale  # log2 domain: qk_scale = softmax_scale * log2(e)
-            # causal (bottom-right); keys from hi on are never visible to a real row (hi bounds its causal / span
-            # range, or the padding does), and rows past len_q are never stored
+            # causal (bottom-right); keys from hi on are never visible to a real row (hi bounds its causal range, or
+            # the padding does), and rows past len_q are never stored
             ok = offs_n[None, :] <= qpos[:, None]
-            if BIDIR:
-                kidx = (offs_n - offset)[None, :]
-                ok = ok | ((kidx >= span_lo[:, None]) & (kidx < span_hi[:, None]))
             if HAS_KPM:
                 ok = ok & (kpm_desc.load([b, start_n]) != 0)  # [1, BLOCK_N] keep flags
             s = tl.where(ok, s, float("-inf"))
