@@ -1,6 +1,6 @@
 """AOT compile specs of the warp-specialised sm_90 forward: every ``_WS_FWD_CONFIGS`` tile x bf16 (fp16 once) x
-head dim 64 / 128 x mask variant. The compile report finds them through ``kernels_ws.aot_compile_specs`` (the module that owns
-the kernel; ``python -m vexpert_kernels.compile_report --module vexpert_kernels.ops.flash_attention.kernels_ws
+head dim 64 / 128 x mask variant. The compile report finds them through ``kernels_ws.aot_compile_specs`` (the
+module that owns the kernel; ``python -m vexpert_kernels.compile_report --module vexpert_kernels.ops.flash_attention.kernels_ws
 --arch 90``). ``WARP_SPEC=True`` makes the report flag a spec that is not split on sm_90."""
 from __future__ import annotations
 

@@ -13,9 +13,11 @@ from vexpert_kernels.ops.gemm_sm90.configs import hopper_ws_pass_available
 WS_FWD = 2  # 5th entry of a forward config: the warp-specialised TMA kernel
 
 # num_warps=4 is the Hopper pass's gate (3 warpgroups after the split: one TMA producer, two wgmma consumers of 64
-# query rows each); BLOCK_M 128 gives each consumer warpgroup one m64 wgmma row block. Keyed by masked (key padding,
-# or varlen; image spans are not served). Shared memory at hd 128 (bf16): Q 32 KiB + stages x (K + V) at 16 KiB per 64 keys.
-# Measured with the compile report (sm_90a, bf16, 16-divisible strides) under Triton 3.9 / 3.6: see aot_ws.py.
+# query rows each); BLOCK_M 128 gives each consumer warpgroup one m64 wgmma row block. Keyed by masked (key padding
+# or varlen; image spans are not served). Measured with the compile report (sm_90a, 16-divisible strides; every
+# spec of aot_ws), identical under Triton 3.6.0 and 3.9.0: split into 12 warps, setmaxnreg 40 (producer) / 232
+# (consumers), no spill, wgmma + TMA; shared memory (compile report) hd 64 / 128: 128x128 s2 97 / 177 KiB, 128x64 s3 81 / 145 KiB.
+# Not timed on a GPU yet.
 _WS_FWD_CONFIGS = {
     False: ((128, 128, 4, 2, WS_FWD), (128, 64, 4, 3, WS_FWD)),
     True: ((128, 128, 4, 2, WS_FWD), (128, 64, 4, 3, WS_FWD)),

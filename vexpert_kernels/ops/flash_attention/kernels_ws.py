@@ -1,4 +1,4 @@
-"""Warp-specialised sm_90 attention forward: ``_attn_fwd_ws_kernel`` (``@triton.jit`` only, behind one ``if HAS_TRITON:``).
+"""Warp-specialised sm_90 attention forward: ``_attn_fwd_ws_kernel`` (``@triton.jit``, behind one ``if HAS_TRITON:``).
 
 Same arguments, masking model and outputs as ``kernels._attn_fwd_kernel`` (see the package map) except image
 spans, written in the one
