@@ -16,7 +16,8 @@ WS_FWD = 2  # 5th entry of a forward config: the warp-specialised TMA kernel
 # query rows each); BLOCK_M 128 gives each consumer warpgroup one m64 wgmma row block. Keyed by masked (key padding
 # or varlen; image spans are not served). Measured with the compile report (sm_90a, 16-divisible strides; every
 # spec of aot_ws), identical under Triton 3.6.0 and 3.9.0: split into 12 warps, setmaxnreg 40 (producer) / 232
-# (consumers), no spill, wgmma + TMA; shared memory (compile report) hd 64 / 128: 128x128 s2 97 / 177 KiB, 128x64 s3 81 / 145 KiB.
+# (consumers), no spill, wgmma + TMA; shared memory (compile report) hd 64 / 128: 128x128 s2 97 / 177 KiB,
+# 128x64 s3 81 / 145 KiB.
 # Not timed on a GPU yet.
 _WS_FWD_CONFIGS = {
     False: ((128, 128, 4, 2, WS_FWD), (128, 64, 4, 3, WS_FWD)),
