@@ -30,7 +30,7 @@ def ws_fwd_spec(tile, dname: str, hd: int, variant: tuple) -> CompileSpec:
     name, group, varlen, kpm, bidir, routed = variant
     sig = {n: "*" + dname for n in ("Q", "K", "V", "O")}
     sig["LSE"] = "*fp32"
-    sig.update({n: "*i32" for n in ("CU_Q", "CU_K", "KV_LO", "KV_HI", "SPAN_START", "SPAN_END", "OIDX")})
+    sig.update({n: "*i32" for n in ("CU_Q", "CU_K", "KV_LO", "KV_HI", "SPAN", "SPAN_END", "OIDX")})
     sig["KPM"] = "*i8"
     sig.update({n: "i32" for n in _STRIDES + ("H", "LQ", "LK", "T_OUT")})
     sig["qk_scale"] = "fp32"

@@ -1,9 +1,8 @@
 """Warp-specialised sm_90 attention forward: ``_attn_fwd_ws_kernel`` (``@triton.jit``, behind one ``if HAS_TRITON:``).
 
 Same arguments, masking model and outputs as ``kernels._attn_fwd_kernel`` (see the package map) except image
-spans, written in the one
-form Triton 3.6 / 3.9 warp-specialise on sm_90a (docs/warp_specialization.md): ONE key loop
-``tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC)`` with the causal / padding mask computed on every
+spans, written in the one form Triton 3.6 / 3.9 warp-specialise on sm_90a (docs/warp_specialization.md): ONE key
+loop ``tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC)`` with the causal / padding mask computed on every
 tile (no interior/edge split into two loops), no early ``return`` (a query tile past a short varlen sequence runs an
 empty loop and stores nothing), no ``if``/``else`` on run-time values, Q/K/V by tensor descriptors (TMA), launched
 with num_warps=4: the Hopper pass then splits the whole kernel into a TMA producer warpgroup and two wgmma consumer
@@ -29,7 +28,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_fwd_ws_kernel(
-        Q, K, V, O, LSE, CU_Q, CU_K, KV_LO, KV_HI, KPM, SPAN_START, SPAN_END, OIDX,
+        Q, K, V, O, LSE, CU_Q, CU_K, KV_LO, KV_HI, KPM, SPAN, SPAN_END, OIDX,
         stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
         stride_ob, stride_oh, stride_ol, stride_lb, stride_lh, stride_ll, stride_mb, stride_sb, stride_ib,
         H, LQ, LK, T_OUT, qk_scale,
@@ -40,7 +39,7 @@ if HAS_TRITON:
     ):
         # USE_TMA is always true here (the launcher passes it to either forward kernel); HEAD_DIM == BLOCK_D (TMA)
         tl.static_assert(HEAD_DIM == BLOCK_D)
-        tl.static_assert(not BIDIR)  # image spans: not served (module docstring); SPAN_START / SPAN_END unused
+        tl.static_assert(not BIDIR)  # image spans: not served (module docstring); SPAN / SPAN_END unused
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heavy (late) causal tiles first
         b, h, q_start, len_q, k_start, len_k = _program_rows(tl.program_id(1), H, CU_Q, CU_K, LQ, LK, IS_VARLEN)
         kvh = h // GROUP

@@ -22,15 +22,15 @@ def _kpm_16b_rows(kpm: torch.Tensor) -> torch.Tensor:
 def ws_fwd_launch(pr, grid, q, k, v, out, lse, qk_scale, block_m, block_n, num_warps, num_stages, constexprs):
     """Launch the ws forward with ``launch._Prepared`` metadata ``pr`` (same outputs as the pointer/TMA kernel).
     It takes the keep flags with 16-byte aligned rows (TMA-readable; see kernels_ws); no image spans."""
+    if pr.bidir:
+        raise ValueError("the warp-specialised forward does not take bidirectional image spans (configs_ws."
+                         "ws_fwd_supported); use a non-ws forward config")
     kpm, stride_mb = pr.kpm, pr.stride_mb
     if pr.has_kpm:
         kpm = _kpm_16b_rows(pr.kpm)
         stride_mb = kpm.stride(0)
-    if pr.bidir:
-        raise ValueError("the warp-specialised forward does not take bidirectional image spans (configs_ws."
-                         "ws_fwd_supported); use a non-ws forward config")
     _attn_fwd_ws_kernel[grid](
-        q, k, v, out, lse, pr.cu_q, pr.cu_k, pr.kv_lo, pr.kv_hi, kpm, pr.span_start, pr.span_end, pr.oidx,
+        q, k, v, out, lse, pr.cu_q, pr.cu_k, pr.kv_lo, pr.kv_hi, kpm, pr.span, pr.span_end, pr.oidx,
         *pr.qstrides(q), *pr.qstrides(k), *pr.qstrides(v), *pr.ostrides(out), *pr.lstrides(lse),
         stride_mb, pr.stride_sb, pr.stride_ib, pr.H, pr.LQ, pr.LK, pr.t_out, qk_scale,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, USE_TMA=True, WARP_SPEC=True,
