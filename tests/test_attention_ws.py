@@ -6,11 +6,12 @@
   memory within the 227 KiB of an sm_90 CTA. (The compile report compiles every ws spec for spills/TMA/ws too.)
 * Numerics vs float64 (Triton >= 3.9 interpreter on CPU -- it runs tensor descriptors and ignores the
   warp-specialisation hint; on an sm_90 GPU the compiled kernel with a real tile): out and lse for causal with
-  Lk > Lq and GQA, key padding on both sides and a hole with inf under the padding, varlen (an empty and a short
-  sequence: query tiles past a sequence end run an empty loop) with routed output order, routed dense output,
-  grads through the standard backward; outputs NaN-poisoned before launch, and the ws launcher must have run.
-* When the dispatcher offers the candidate: sm_90 with the Hopper pass, TMA-addressable tensors, not decode lengths,
-  no bidirectional image spans (which the kernel does not serve: a clear error if forced).
+  Lk > Lq and GQA, key padding on both sides and a hole with inf under the padding, with and without
+  bidirectional image spans, varlen with spans (an empty and a short sequence: query tiles past a sequence end run
+  an empty loop) in routed output order, routed dense output, grads through the standard backward; outputs
+  NaN-poisoned before launch, and the ws launcher must have run.
+* When the dispatcher offers the candidate: sm_90 with the Hopper pass, TMA-addressable tensors, not decode lengths
+  (and sequences < 2**16 queries with image spans).
 """
 import json
 import os
@@ -90,8 +91,8 @@ def test_ws_offered_only_on_sm90_with_tma(monkeypatch):
             assert not names[0].endswith(":ws"), "never the table's (untuned) choice"
         assert _offered(dict(varlen=True))[0] == (list(want) if has else [])
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert _offered({})[0]
-    assert _offered(dict(bidir=True))[0] == []    # image spans: not served
+    assert _offered({})[0] and _offered(dict(bidir=True))[0]
+    assert _offered(dict(bidir=True), lq=1 << 16)[0] == []  # span ends travel as two bytes
     assert _offered({}, tma=False)[0] == []       # tensors not TMA-addressable
     assert _offered({}, lq=1)[0] == []            # decode
     assert ws_fwd_tune_configs(torch.device("cpu"), 128, False, tma=True) == []
@@ -121,7 +122,7 @@ def _poison(monkeypatch):
 
     monkeypatch.setattr(fa_launch, "ws_fwd_launch", spy)
     yield
-    assert calls and all(c == WS_TILE[:2] for c in calls), calls
+    assert calls and all(c in (WS_TILE[:2], (32, 32)) for c in calls), calls
 
 
 def _leaf(*shape, g):
@@ -167,39 +168,65 @@ def test_ws_causal_gqa_offset_and_grads():
 
 @needs_ws
 @pytest.mark.usefixtures("_poison")
-def test_ws_padding_both_sides():
+@pytest.mark.parametrize("spans", [False, True])
+def test_ws_padding_both_sides_and_spans(spans):
     """Lk > Lq, left padding (the K/V descriptors start at the first kept key: negative TMA coordinates), right
     padding, a hole, inf in K and V under the left/right padding (must not leak), a fully padded row (out 0, lse
-    -inf), GQA."""
+    -inf), GQA; with bidirectional image spans (one starting inside the left padding, one crossing a query tile)."""
     g = torch.Generator().manual_seed(12)
     B, H, KV, Lq, Lk, hd = 3, 4, 2, 29, 35, 16  # queries are the last Lq key positions
     q, k, v = _leaf(B, H, Lq, hd, g=g), _leaf(B, KV, Lk, hd, g=g), _leaf(B, KV, Lk, hd, g=g)
     kpm = torch.ones(B, Lk, dtype=torch.bool, device=DEVICE)
-    kpm[0, :5] = False    # left padding (not tile-aligned)
-    kpm[0, 20:23] = False  # a hole: masked through the keep flags
-    kpm[1, -7:] = False   # right padding
-    kpm[2, :] = False     # nothing kept: every row empty
+    kpm[0, :9] = False     # left padding (not tile-aligned; 3 query positions of it)
+    kpm[0, 25:28] = False  # a hole: masked through the keep flags
+    kpm[1, -7:] = False    # right padding
+    kpm[2, :] = False      # nothing kept: every row empty
     for t in (k, v):
-        t[0, :, :5] = float("inf")
+        t[0, :, :9] = float("inf")
         t[1, :, -7:] = float("inf")
-    out, lse = flash_attention(q, k, v, key_padding_mask=kpm, fwd_config=WS_TILE)
-    ref, rlse = _math(q, k, v, key_padding_mask=kpm)
+    kw, mkw = dict(key_padding_mask=kpm), dict(key_padding_mask=kpm)
+    if spans:
+        span = torch.zeros(B, Lq, dtype=torch.int32, device=DEVICE)
+        span[0, 1:12] = 1    # starts inside the left padding
+        span[1, 10:22] = 2   # crosses the 16-row query tile boundary
+        span[1, 24:27] = 2   # same id, separate run: a separate span
+        span[2, 1:4] = 1
+        kw.update(image_span_ids=span, bidirectional=True)
+        mkw.update(image_span_ids=span, image_attention="bidirectional")
+    out, lse = flash_attention(q, k, v, fwd_config=WS_TILE, **kw)
+    ref, rlse = _math(q, k, v, **mkw)
     assert torch.isneginf(lse[2]).all() and (out[2] == 0).all()
     _compare(out, lse, ref, rlse)
 
 
-def test_ws_rejects_image_spans():
-    x = torch.randn(1, 2, 8, 16).to(DEVICE, DTYPE)
-    span = torch.ones(1, 8, dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match="image spans"):
-        flash_attention(x, x, x, image_span_ids=span, bidirectional=True, fwd_config=WS_TILE)
+@needs_ws
+@pytest.mark.usefixtures("_poison")
+def test_ws_spans_past_256_queries():
+    """Span ends >= 256 (their high byte), a span across position 256."""
+    g = torch.Generator().manual_seed(15)
+    L, hd = 272, 16
+    q, k, v = (_leaf(1, 1, L, hd, g=g) for _ in range(3))
+    span = torch.zeros(1, L, dtype=torch.int32, device=DEVICE)
+    span[0, 240:262] = 1
+    span[0, 264:271] = 2
+    tile = WS_TILE if HAS_CUDA else (32, 32, 4, 1, WS_FWD)
+    out, lse = flash_attention(q, k, v, image_span_ids=span, bidirectional=True, fwd_config=tile)
+    ref, rlse = _math(q, k, v, image_span_ids=span, image_attention="bidirectional")
+    _compare(out, lse, ref, rlse)
+
+
+def test_ws_span_limit():
+    from vexpert_kernels.ops.flash_attention import launch_ws
+    from vexpert_kernels.ops.flash_attention.configs_ws import WS_MAX_SPAN_LQ
+
+    assert WS_MAX_SPAN_LQ == launch_ws.MAX_SPAN_POS - 1  # span ends travel as two bytes
 
 
 @needs_ws
 @pytest.mark.usefixtures("_poison")
-def test_ws_varlen_routed():
-    """Packed sequences (long, empty, short: query tiles past a sequence end run an empty loop), output in a routed
-    row order."""
+def test_ws_varlen_bidirectional_routed():
+    """Packed sequences (long, empty, short: query tiles past a sequence end run an empty loop) with image spans
+    (local to each sequence), output in a routed row order."""
     from vexpert_kernels.ops import mixed_attention_varlen
 
     g = torch.Generator().manual_seed(13)
@@ -207,11 +234,15 @@ def test_ws_varlen_routed():
     cu = torch.tensor([0, 35, 35, 41], dtype=torch.int32, device=DEVICE)
     T = 41
     q, k, v = _leaf(T, H, hd, g=g), _leaf(T, KV, hd, g=g), _leaf(T, KV, hd, g=g)
+    span = torch.zeros(T, dtype=torch.int32, device=DEVICE)
+    span[4:20] = 3
+    span[33:39] = 3  # crosses the boundary of sequences 0 and 2: two spans
     oidx = torch.randperm(T, generator=g).to(DEVICE)
     kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=35, max_seqlen_k=35)
-    out, lse = flash_attention(q, k, v, fwd_config=WS_TILE, out_index=oidx, **kw)
-    ref, rlse = mixed_attention_varlen(*(t.double() for t in (q, k, v)), cu, cu, 35, 35, backend="math",
-                                       return_lse=True)
+    out, lse = flash_attention(q, k, v, image_span_ids=span, bidirectional=True, fwd_config=WS_TILE,
+                               out_index=oidx, **kw)
+    ref, rlse = mixed_attention_varlen(*(t.double() for t in (q, k, v)), cu, cu, 35, 35, image_span_ids=span,
+                                       image_attention="bidirectional", backend="math", return_lse=True)
     routed = torch.zeros(T, H * hd, dtype=torch.float64, device=DEVICE)
     routed[oidx] = ref.reshape(T, H * hd)
     _compare(out, lse, routed, rlse)
@@ -275,13 +306,14 @@ def test_ws_specs_are_listed_for_the_compile_report():
                for s in specs)
     tiles = {(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.num_warps, s.num_stages, WS_FWD) for s in specs}
     assert tiles == {t for ts in _WS_FWD_CONFIGS.values() for t in ts}
-    assert {s.name.split(",")[1] for s in specs} == {"causal", "causal_gqa4_routed", "padded", "varlen_routed"}
+    assert {s.name.split(",")[1] for s in specs} == {"causal", "causal_gqa4_routed", "padded_bidir",
+                                                     "varlen_bidir_routed"}
 
 
 def test_ws_configs_are_warp_specialised_on_sm90():
     from vexpert_kernels.ops.flash_attention.aot_ws import WS_VARIANTS
 
-    # per tile: the variant with the most live state of its mask kind (routed GQA / key padding)
+    # per tile: the variant with the most live state of its mask kind (routed GQA / padding + image spans)
     jobs = [(tile, WS_VARIANTS[masked][0 if masked else 1]) for masked, tiles in sorted(_WS_FWD_CONFIGS.items())
             for tile in tiles]
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")

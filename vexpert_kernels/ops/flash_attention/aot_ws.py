@@ -18,10 +18,11 @@ if HAS_TRITON:  # the package imports (and uses the PyTorch backends) without Tr
 _STRIDES = ("stride_qb", "stride_qh", "stride_ql", "stride_kb", "stride_kh", "stride_kl", "stride_vb", "stride_vh",
             "stride_vl", "stride_ob", "stride_oh", "stride_ol", "stride_lb", "stride_lh", "stride_ll", "stride_mb",
             "stride_sb", "stride_ib")
-# (name, GQA group, varlen, key padding, bidirectional, routed order out); masked = padding or varlen (the ws
-# kernel serves no image spans)
-WS_VARIANTS = {False: (("causal", 1, False, False, False, False), ("causal_gqa4_routed", 4, False, False, False, True)),
-               True: (("padded", 1, False, True, False, False), ("varlen_routed", 1, True, False, False, True))}
+# (name, GQA group, varlen, key padding, bidirectional, routed order out); masked = padding, spans or varlen
+WS_VARIANTS = {
+    False: (("causal", 1, False, False, False, False), ("causal_gqa4_routed", 4, False, False, False, True)),
+    True: (("padded_bidir", 1, False, True, True, False), ("varlen_bidir_routed", 1, True, False, True, True)),
+}
 
 
 def ws_fwd_spec(tile, dname: str, hd: int, variant: tuple) -> CompileSpec:
@@ -32,6 +33,7 @@ def ws_fwd_spec(tile, dname: str, hd: int, variant: tuple) -> CompileSpec:
     sig["LSE"] = "*fp32"
     sig.update({n: "*i32" for n in ("CU_Q", "CU_K", "KV_LO", "KV_HI", "SPAN", "SPAN_END", "OIDX")})
     sig["KPM"] = "*i8"
+    sig["SPAN"] = "*fp16"  # the ws kernel's span-bound bytes (launch_ws._span_rows)
     sig.update({n: "i32" for n in _STRIDES + ("H", "LQ", "LK", "T_OUT")})
     sig["qk_scale"] = "fp32"
     consts = dict(GROUP=group, HEAD_DIM=hd, BLOCK_D=_block_d(hd), BLOCK_M=bm, BLOCK_N=bn, IS_VARLEN=varlen,

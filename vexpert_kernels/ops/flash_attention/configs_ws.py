@@ -14,7 +14,7 @@ WS_FWD = 2  # 5th entry of a forward config: the warp-specialised TMA kernel
 
 # num_warps=4 is the Hopper pass's gate (3 warpgroups after the split: one TMA producer, two wgmma consumers of 64
 # query rows each); BLOCK_M 128 gives each consumer warpgroup one m64 wgmma row block. Keyed by masked (key padding
-# or varlen; image spans are not served). Measured with the compile report (sm_90a, 16-divisible strides; every
+# or varlen) and/or image spans. Measured with the compile report (sm_90a, 16-divisible strides; every
 # spec of aot_ws), identical under Triton 3.6.0 and 3.9.0: split into 12 warps, setmaxnreg 40 (producer) / 232
 # (consumers), no spill, wgmma + TMA; shared memory (compile report) hd 64 / 128: 128x128 s2 97 / 177 KiB,
 # 128x64 s3 81 / 145 KiB.
@@ -24,6 +24,7 @@ _WS_FWD_CONFIGS = {
     True: ((128, 128, 4, 2, WS_FWD), (128, 64, 4, 3, WS_FWD)),
 }
 WS_MIN_LQ = 64  # shorter query blocks (decode, short prefill) waste most of a 128-row tile: not offered
+WS_MAX_SPAN_LQ = (1 << 16) - 1  # image spans: the kernel gets span ends as two bytes (kernels_ws)
 
 
 def ws_fwd_supported(device: torch.device, block_d: int, lq: int = None, tma: bool = False,
@@ -31,11 +32,12 @@ def ws_fwd_supported(device: torch.device, block_d: int, lq: int = None, tma: bo
     """Whether the warp-specialised forward may be offered: CUDA capability 9.x with Triton's Hopper
     warp-specialisation pass, tensors the TMA kernels can address (``tma``, see ``launch.tma_usable``: unit-stride
     16-byte aligned rows, head dim a power of two), head dim 16..128, at least ``WS_MIN_LQ`` queries per sequence
-    (``lq``: the (max) query length; None: unknown, offered) and no bidirectional image spans (``bidir``). Causal
-    (bottom-right for Lk > Lq), GQA, key padding, varlen and routed output order are served."""
-    if not tma or bidir or device.type != "cuda" or not 16 <= block_d <= 128:
+    (``lq``: the (max) query length; None: unknown, offered) and, with bidirectional image spans (``bidir``), at
+    most ``WS_MAX_SPAN_LQ``. Causal (bottom-right for Lk > Lq), GQA, key padding, image spans, varlen, lse and
+    routed output order are served."""
+    if not tma or device.type != "cuda" or not 16 <= block_d <= 128:
         return False
-    if lq is not None and lq < WS_MIN_LQ:
+    if lq is not None and (lq < WS_MIN_LQ or (bidir and lq > WS_MAX_SPAN_LQ)):
         return False
     return torch.cuda.get_device_capability(device)[0] == 9 and hopper_ws_pass_available()
 
@@ -43,7 +45,7 @@ def ws_fwd_supported(device: torch.device, block_d: int, lq: int = None, tma: bo
 def ws_fwd_tune_configs(device: torch.device, block_d: int, masked: bool, varlen: bool = False, lq: int = None,
                         tma: bool = False, bidir: bool = False) -> list:
     """The warp-specialised forward's tuning candidates for this request (empty where it is not offered);
-    ``masked``: key padding or image spans (as ``configs.fwd_tune_configs``)."""
+    ``masked``: key padding or image spans (as ``configs.fwd_tune_configs``), ``bidir``: image spans."""
     if not ws_fwd_supported(device, block_d, lq, tma, bidir):
         return []
     return list(_WS_FWD_CONFIGS[bool(masked or varlen)])

@@ -1,8 +1,9 @@
 """Warp-specialised sm_90 attention forward: ``_attn_fwd_ws_kernel`` (``@triton.jit``, behind one ``if HAS_TRITON:``).
 
-Same arguments, masking model and outputs as ``kernels._attn_fwd_kernel`` (see the package map) except image
-spans, written in the one form Triton 3.6 / 3.9 warp-specialise on sm_90a (docs/warp_specialization.md): ONE key
-loop ``tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC)`` with the causal / padding mask computed on every
+Same arguments, masking model and outputs as ``kernels._attn_fwd_kernel`` (see the package map; ``SPAN`` /
+``SPAN_END`` carry the launcher's per-tile span buffers instead), written in the one form Triton 3.6 / 3.9
+warp-specialise on sm_90a (docs/warp_specialization.md): ONE key loop
+``tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC)`` with the causal / span / padding mask computed on every
 tile (no interior/edge split into two loops), no early ``return`` (a query tile past a short varlen sequence runs an
 empty loop and stores nothing), no ``if``/``else`` on run-time values, Q/K/V by tensor descriptors (TMA), launched
 with num_warps=4: the Hopper pass then splits the whole kernel into a TMA producer warpgroup and two wgmma consumer
@@ -10,10 +11,20 @@ warpgroups (12 warps, ``setmaxnreg``).
 
 The Hopper pass hands every load inside the loop to the producer warpgroup and only knows TMA loads there (a
 pointer ``tl.load`` in the loop fails the pass: "unsupported load type for producer commit", and so does a
-[BLOCK_M] pointer load before the loop whose value the loop uses; scalar loads are fine). So the loop loads nothing
-through pointers: the key padding keep flags come through a [1, BLOCK_N] int8 tensor descriptor (``launch_ws``
-gives them 16-byte aligned rows). Bidirectional image spans are NOT served (``BIDIR`` must be false): every
-formulation tried crashed the pass under Triton 3.6 and/or 3.9 (docs/warp_specialization.md, "Attention").
+[BLOCK_M] pointer load before the loop whose value the loop uses; scalar loads are fine), and it splits every
+[BLOCK_M, ...] value between the two consumer warpgroups through a fixed set of ops (no reductions; Triton 3.6 not
+even reshape/split). So:
+
+* key padding: the keep flags come through a [1, BLOCK_N] int8 tensor descriptor per key tile (``launch_ws`` gives
+  them 16-byte aligned rows);
+* bidirectional image spans: canonical span ids are contiguous runs, so query ``i`` sees key ``j`` (query coords
+  ``j - offset``) iff ``j - offset < span_end[i]``: keys before ``i`` are causally visible anyway, later ones only
+  inside ``i``'s span, and ``span_end[i] = i + 1`` outside images. The per-row ends come as bytes in a
+  [BLOCK_M, 16] fp16 TMA box per query tile (columns end % 256, end // 256, zeros; ``launch_ws._span_rows``), and a
+  K=16 matmul with a constant selector turns them into a [BLOCK_M, BLOCK_N] tile of ends -- exact (integers
+  < 2**16, fp32 accumulation) and the one row-to-tile broadcast the pass partitions on 3.6 and 3.9
+  (docs/warp_specialization.md lists the forms it rejects). The tile's key bound is the tile's largest span end,
+  a scalar load.
 
 Keys outside the tile's range never reach the accumulator as non-finite values: the K/V descriptors start at the
 first kept key of the row (key padding) and end at the tile's key bound ``hi``, so TMA zero-fills everything else
@@ -39,7 +50,6 @@ if HAS_TRITON:
     ):
         # USE_TMA is always true here (the launcher passes it to either forward kernel); HEAD_DIM == BLOCK_D (TMA)
         tl.static_assert(HEAD_DIM == BLOCK_D)
-        tl.static_assert(not BIDIR)  # image spans: not served (module docstring); SPAN / SPAN_END unused
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heavy (late) causal tiles first
         b, h, q_start, len_q, k_start, len_k = _program_rows(tl.program_id(1), H, CU_Q, CU_K, LQ, LK, IS_VARLEN)
         kvh = h // GROUP
@@ -51,8 +61,17 @@ if HAS_TRITON:
         m_valid = offs_m < len_q
         b64 = b.to(tl.int64)
         qpos = offset + offs_m
-        # [lo, hi): the keys any row of this tile may see (kernels._key_range without image spans)
+        # [lo, hi): the keys any row of this tile may see (as kernels._key_range, without row-indexed loads)
         q_end = tl.minimum(start_m + BLOCK_M, len_q)
+        if BIDIR:
+            # SPAN: [B * n_query_tiles * BLOCK_M, 16] fp16 span-end bytes of each query row (module docstring);
+            # SPAN_END: [B * n_query_tiles] int32, each query tile's largest span end
+            row0 = (b * tl.num_programs(0) + pid_m) * BLOCK_M
+            span_bytes = tl.make_tensor_descriptor(SPAN, shape=[row0 + BLOCK_M, 16], strides=[16, 1],
+                                                   block_shape=[BLOCK_M, 16]).load([row0, 0])
+            sel = tl.arange(0, 16)[:, None] + tl.zeros([16, BLOCK_N], tl.int32)
+            sel = tl.where(sel == 0, 1.0, tl.where(sel == 1, 256.0, 0.0)).to(tl.float16)  # end = b0 + 256 b1
+            q_end = tl.load(SPAN_END + b * tl.num_programs(0) + pid_m)
         hi = tl.minimum(offset + q_end, len_k)
         lo = hi * 0
         if HAS_KPM:  # rows of padded batches: keys before the first / after the last kept key are all masked
@@ -89,9 +108,12 @@ if HAS_TRITON:
             offs_n = start_n + offs_n0
             k = k_desc.load([start_n - k_first, 0])  # [BLOCK_N, D]; rows before k_first / from hi on: zeros
             s = _dot(q, tl.trans(k), UPCAST, PREC) * qk_scale  # log2 domain: qk_scale = softmax_scale * log2(e)
-            # causal (bottom-right); keys from hi on are never visible to a real row (hi bounds its causal range, or
-            # the padding does), and rows past len_q are never stored
-            ok = offs_n[None, :] <= qpos[:, None]
+            # causal (bottom-right); keys from hi on are never visible to a real row (hi bounds its causal / span
+            # range, or the padding does), and rows past len_q are never stored
+            if BIDIR:  # j - offset < span_end[i] (causal included), ends broadcast over the keys by a K=16 matmul
+                ok = (offs_n - offset).to(tl.float32)[None, :] < _dot(span_bytes, sel, UPCAST, PREC)
+            else:
+                ok = offs_n[None, :] <= qpos[:, None]
             if HAS_KPM:
                 ok = ok & (kpm_desc.load([b, start_n]) != 0)  # [1, BLOCK_N] keep flags
             s = tl.where(ok, s, float("-inf"))
