@@ -1,7 +1,7 @@
 """The warp-specialised sm_90 attention forward (``flash_attention.kernels_ws``), checked without a GPU.
 
-* Every ``_WS_FWD_CONFIGS`` tile AOT-compiled for sm_90a (subprocess, the installed Triton; hd 128 and the variant
-  with the most live state for its mask kind) is really split: ``ttg.warp_specialize`` in the TTGIR, 12 warps (one
+* Every ``_WS_FWD_CONFIGS`` tile AOT-compiled for sm_90a (subprocess, the installed Triton; at its head dim, the
+  variant with the most live state for its mask kind) is really split: ``ttg.warp_specialize`` in the TTGIR, 12 warps (one
   TMA producer + two wgmma consumer warpgroups), ``USETMAXREG`` in the SASS, wgmma, TMA loads, no spill, shared
   memory within the 227 KiB of an sm_90 CTA. (The compile report compiles every ws spec for spills/TMA/ws too.)
 * Numerics vs float64 (Triton >= 3.9 interpreter on CPU -- it runs tensor descriptors and ignores the
@@ -86,7 +86,8 @@ def test_ws_offered_only_on_sm90_with_tma(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
         for masked in (False, True):
             ws, names = _offered(dict(padding=masked))
-            want = [f"triton:{bm}x{bn}:w{nw}s{ns}:ws" for bm, bn, nw, ns, _ in _WS_FWD_CONFIGS[masked]] if has else []
+            tiles = _WS_FWD_CONFIGS[(128, masked)]  # _offered asks for head dim 128
+            want = [f"triton:{bm}x{bn}:w{nw}s{ns}:ws" for bm, bn, nw, ns, _ in tiles] if has else []
             assert ws == want, (major, masked, names)
             assert not names[0].endswith(":ws"), "never the table's (untuned) choice"
         assert _offered(dict(varlen=True))[0] == (list(want) if has else [])
@@ -270,8 +271,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from vexpert_kernels import compile_report as cr
 from vexpert_kernels.ops.flash_attention import aot_ws
-for tile, variant in json.loads(sys.argv[1]):
-    spec = aot_ws.ws_fwd_spec(tuple(tile), "bf16", 128, tuple(variant))
+for tile, hd, variant in json.loads(sys.argv[1]):
+    spec = aot_ws.ws_fwd_spec(tuple(tile), "bf16", hd, tuple(variant))
     sig = cr._full_signature(spec.fn, spec)
     attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(sig.items())
              if t.startswith("*") or n in spec.extra.get("divisible_by_16", ())}
@@ -314,8 +315,8 @@ def test_ws_configs_are_warp_specialised_on_sm90():
     from vexpert_kernels.ops.flash_attention.aot_ws import WS_VARIANTS
 
     # per tile: the variant with the most live state of its mask kind (routed GQA / padding + image spans)
-    jobs = [(tile, WS_VARIANTS[masked][0 if masked else 1]) for masked, tiles in sorted(_WS_FWD_CONFIGS.items())
-            for tile in tiles]
+    jobs = [(tile, hd, WS_VARIANTS[masked][0 if masked else 1]) for (hd, masked), tiles in
+            sorted(_WS_FWD_CONFIGS.items()) for tile in tiles]
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     res = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(jobs)], capture_output=True, text=True, env=env,

@@ -1,5 +1,5 @@
-"""AOT compile specs of the warp-specialised sm_90 forward: every ``_WS_FWD_CONFIGS`` tile x bf16 (fp16 once) x
-head dim 64 / 128 x mask variant. The compile report finds them through ``kernels_ws.aot_compile_specs`` (the
+"""AOT compile specs of the warp-specialised sm_90 forward: every ``_WS_FWD_CONFIGS`` tile (at its head dim 64 /
+128) x bf16 (fp16 once) x mask variant. The compile report finds them through ``kernels_ws.aot_compile_specs`` (the
 module that owns the kernel; ``python -m vexpert_kernels.compile_report --module vexpert_kernels.ops.flash_attention.kernels_ws
 --arch 90``). ``WARP_SPEC=True`` makes the report flag a spec that is not split on sm_90."""
 from __future__ import annotations
@@ -54,12 +54,10 @@ def build_ws_aot_specs() -> list:
     if not HAS_TRITON:
         return []
     specs = []
-    for masked, tiles in sorted(_WS_FWD_CONFIGS.items()):
+    for (hd, masked), tiles in sorted(_WS_FWD_CONFIGS.items()):
         for tile in tiles:
-            for dtype, dname in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
-                for hd in (64, 128):
-                    for variant in WS_VARIANTS[masked]:
-                        if dname == "fp16" and (hd != 128 or variant[0] != WS_VARIANTS[masked][0][0]):
-                            continue  # fp16 compiles like bf16: hd 128 of its first variant only
-                        specs.append(ws_fwd_spec(tile, dname, hd, variant))
+            for variant in WS_VARIANTS[masked]:
+                specs.append(ws_fwd_spec(tile, "bf16", hd, variant))
+            if hd == 128:  # fp16 compiles like bf16: once per tile
+                specs.append(ws_fwd_spec(tile, "fp16", hd, WS_VARIANTS[masked][0]))
     return specs

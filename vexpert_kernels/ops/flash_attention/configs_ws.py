@@ -10,18 +10,23 @@ import torch
 
 from vexpert_kernels.ops.gemm_sm90.configs import hopper_ws_pass_available
 
+from .configs import _d_bucket
+
 WS_FWD = 2  # 5th entry of a forward config: the warp-specialised TMA kernel
 
 # num_warps=4 is the Hopper pass's gate (3 warpgroups after the split: one TMA producer, two wgmma consumers of 64
-# query rows each); BLOCK_M 128 gives each consumer warpgroup one m64 wgmma row block. Keyed by masked (key padding
-# or varlen) and/or image spans. Measured with the compile report (sm_90a, 16-divisible strides; every
-# spec of aot_ws), identical under Triton 3.6.0 and 3.9.0: split into 12 warps, setmaxnreg 40 (producer) / 232
-# (consumers), no spill, wgmma + TMA; shared memory (compile report) hd 64 / 128: 128x128 s2 97 / 177 KiB,
-# 128x64 s3 81 / 145 KiB.
-# Not timed on a GPU yet.
+# query rows each); BLOCK_M 128 gives each consumer warpgroup one m64 wgmma row block. Keyed by (head-dim bucket,
+# masked = key padding, image spans or varlen). Measured with the compile report (sm_90a, 16-divisible strides; every
+# spec of aot_ws) under Triton 3.6.0 and 3.9.0: split into 12 warps, setmaxnreg 40 (producer) / 232 (consumers),
+# wgmma + TMA, no spill except the masked 128x128 tile at hd 128 (padding + spans: 8 B under 3.6, 32 B under 3.9; the
+# span ends' [64, 128] fp32 tile on top of S and O), left out there. Shared memory (compile report) hd 64 / 128:
+# 128x128 s2 97 / 177 KiB, 128x64 s3 81 / 145 KiB (+ 4-7 KiB with spans). Not timed on a GPU yet.
+_WS_128x128, _WS_128x64 = (128, 128, 4, 2, WS_FWD), (128, 64, 4, 3, WS_FWD)
 _WS_FWD_CONFIGS = {
-    False: ((128, 128, 4, 2, WS_FWD), (128, 64, 4, 3, WS_FWD)),
-    True: ((128, 128, 4, 2, WS_FWD), (128, 64, 4, 3, WS_FWD)),
+    (64, False): (_WS_128x128, _WS_128x64),
+    (64, True): (_WS_128x128, _WS_128x64),
+    (128, False): (_WS_128x128, _WS_128x64),
+    (128, True): (_WS_128x64,),
 }
 WS_MIN_LQ = 64  # shorter query blocks (decode, short prefill) waste most of a 128-row tile: not offered
 WS_MAX_SPAN_LQ = (1 << 16) - 1  # image spans: the kernel gets span ends as two bytes (kernels_ws)
@@ -48,4 +53,4 @@ def ws_fwd_tune_configs(device: torch.device, block_d: int, masked: bool, varlen
     ``masked``: key padding or image spans (as ``configs.fwd_tune_configs``), ``bidir``: image spans."""
     if not ws_fwd_supported(device, block_d, lq, tma, bidir):
         return []
-    return list(_WS_FWD_CONFIGS[bool(masked or varlen)])
+    return list(_WS_FWD_CONFIGS[(_d_bucket(block_d), bool(masked or varlen))])
