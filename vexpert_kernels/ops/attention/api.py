@@ -6,6 +6,7 @@ import math
 import torch
 
 from vexpert_kernels.ops.flash_attention import flash_attention, fwd_tune_configs, tma_usable
+from vexpert_kernels.ops.flash_attention.configs_ws import ws_fwd_tune_configs
 
 from vexpert_kernels.validation import check_cu_seqlens, check_positive_finite, check_tensor, debug_checks_enabled
 
@@ -103,7 +104,7 @@ def _default_scale(softmax_scale, hd):
 def triton_name(cfg) -> str:
     """Stable candidate name of our kernel with forward tile ``cfg`` = (BLOCK_M, BLOCK_N, warps, stages[, tma])."""
     bm, bn, nw, ns, *tma = cfg
-    return f"triton:{bm}x{bn}:w{nw}s{ns}" + (":tma" if tma and tma[0] else "")
+    return f"triton:{bm}x{bn}:w{nw}s{ns}" + {1: ":tma", 2: ":ws"}.get(tma[0] if tma else 0, "")  # 2: kernels_ws
 
 
 def parse_triton_name(name: str):
@@ -113,7 +114,7 @@ def parse_triton_name(name: str):
     _, tile, ws, *tma = name.split(":")
     bm, bn = tile.split("x")
     nw, ns = ws[1:].split("s")
-    return (int(bm), int(bn), int(nw), int(ns)) + ((1,) if tma == ["tma"] else ())
+    return (int(bm), int(bn), int(nw), int(ns)) + {("tma",): (1,), ("ws",): (2,)}.get(tuple(tma), ())
 
 
 def _candidates(req: _Request, run, device, masked: bool, lq: int, tma: bool) -> dict:
@@ -130,6 +131,8 @@ def _candidates(req: _Request, run, device, masked: bool, lq: int, tma: bool) ->
         if b == "triton":
             block_d = max(16, 1 << (req.head_dim - 1).bit_length())
             names += [triton_name(c) for c in fwd_tune_configs(device, block_d, masked, req.varlen, lq, tma)]
+            names += [triton_name(c) for c in ws_fwd_tune_configs(device, block_d, masked, req.varlen, lq, tma,
+                                                                   req.bidir)]  # sm_90 warp-specialised forward
         else:
             names.append(b)
     static = static_backend(req)

@@ -6,6 +6,8 @@ import torch
 from vexpert_kernels._triton_compat import HAS_TRITON, interpret_mode, require_triton, tl, triton
 
 from .configs import _PREPROCESS_CONFIG, _block_d, _configs_for
+from .configs_ws import WS_FWD
+from .launch_ws import ws_fwd_launch
 if HAS_TRITON:  # the package imports (and uses the PyTorch backends) without Triton
     from .kernels import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel, _attn_fwd_kernel
 from .masks import _kv_range, _varlen_span_bounds, canonical_span_ids, span_bounds
@@ -147,10 +149,12 @@ def _fwd_impl(q, k, v, kpm, span, cu_q, cu_k, max_q, max_k, softmax_scale, bidir
                                                    pr.LQ)["fwd"]
     use_tma = bool(tma and tma[0])
     if use_tma:
-        if not tma_usable(q, k, v):
+        if not tma_usable(q, k, v) or (tma[0] == WS_FWD and not tma_usable(q, q, q)):  # ws: Q by TMA too
             raise ValueError("the TMA forward needs 16-byte aligned K/V rows and a power-of-two head dim >= 16")
         _set_tma_allocator(q.device)
     grid = (triton.cdiv(pr.LQ, bm), pr.B * pr.H)
+    if use_tma and tma[0] == WS_FWD:  # the warp-specialised sm_90 kernel (kernels_ws.py)
+        return ws_fwd_launch(pr, grid, q, k, v, out, lse, softmax_scale * LOG2E, bm, bn, nw, ns, ce)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, pr.cu_q, pr.cu_k, pr.kv_lo, pr.kv_hi, pr.kpm, pr.span, pr.span_end, pr.oidx,
         *pr.qstrides(q), *pr.qstrides(k), *pr.qstrides(v), *pr.ostrides(out), *pr.lstrides(lse),
