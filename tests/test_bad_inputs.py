@@ -34,8 +34,8 @@ TT = torch.tensor([[0, 1, 1, 1, 0, 0],
 B, L = TT.shape
 TOL = 2e-5
 PATHS = ["torch", "triton"]
-GEMM_OPS = ("routed_linear", "routed_swiglu", "routed_qkv_rope")
-KERNEL_OPS = GEMM_OPS + ("mixed_attention", "mixed_attention_varlen", "rmsnorm")
+GEMM_OPS = ("routed_linear", "routed_swiglu_mlp", "routed_qkv_rope")  # what the block calls
+KERNEL_OPS = GEMM_OPS + ("routed_swiglu", "mixed_attention", "mixed_attention_varlen", "rmsnorm")
 
 
 @pytest.fixture(autouse=True)
