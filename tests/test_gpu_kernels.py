@@ -59,7 +59,8 @@ def _rand(*shape, dtype=torch.bfloat16, scale=1.0, grad=True):
 def _layer_ops(B=2, L=200, D=256, I=344, H=4, KV=2, hd=64, dtype=torch.bfloat16, backend="triton", n_img=77):
     """(name, thunk returning outputs) for each op at a ragged shape; inputs built once (same values per seed)."""
     from functools import partial
-    from vexpert_kernels.ops import mixed_attention, rmsnorm, routed_linear, routed_qkv_rope, routed_swiglu
+    from vexpert_kernels.ops import (mixed_attention, rmsnorm, routed_linear, routed_qkv_rope, routed_swiglu,
+                                     routed_swiglu_mlp)
     r = partial(_rand, dtype=dtype)
     plan = _plan(B, L, n_img, DEV)
     T, N = B * L, (H + 2 * KV) * hd
@@ -67,11 +68,14 @@ def _layer_ops(B=2, L=200, D=256, I=344, H=4, KV=2, hd=64, dtype=torch.bfloat16,
     xo, wo1, wo2, res = r(T, H * hd), r(D, H * hd, scale=(H * hd) ** -0.5), r(D, H * hd, scale=(H * hd) ** -0.5), \
         r(T, D)
     g1, u1, g2, u2 = (r(I, D, scale=D ** -0.5) for _ in range(4))
+    d1, d2 = r(D, I, scale=I ** -0.5), r(D, I, scale=I ** -0.5)
     q, k, v = r(B, H, L, hd), r(B, KV, L, hd), r(B, KV, L, hd)
     nw = r(D)
     return [
         ("routed_linear", lambda: routed_linear(xo, wo1, wo2, plan, residual=res, backend=backend)),
         ("routed_swiglu", lambda: routed_swiglu(x, g1, u1, g2, u2, plan, backend=backend)),
+        ("routed_swiglu_mlp", lambda: routed_swiglu_mlp(x, g1, u1, d1, g2, u2, d2, plan, residual=res,
+                                                        backend=backend)),
         ("routed_qkv_rope", lambda: routed_qkv_rope(x, wv, wl, plan, num_heads=H, num_kv_heads=KV, rope_theta=1e4,
                                                     backend=backend)),
         ("mixed_attention", lambda: mixed_attention(q, k, v, plan, backend=backend if backend == "triton" else "math")),
@@ -115,7 +119,8 @@ def _rel(a, b):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("op", ["routed_linear", "routed_swiglu", "routed_qkv_rope", "mixed_attention", "rmsnorm"])
+@pytest.mark.parametrize("op", ["routed_linear", "routed_swiglu", "routed_swiglu_mlp", "routed_qkv_rope",
+                                "mixed_attention", "rmsnorm"])
 def test_real_ragged_shape_fwd_bwd_matches_torch(op):
     """CogVLM-17B widths (D=4096, hd=128, I=11008) at 2 x 1031 ragged tokens, image 517 tokens at shifted offsets."""
     torch.manual_seed(0)
