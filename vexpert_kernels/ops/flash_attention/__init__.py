@@ -28,6 +28,11 @@ registers leave no room). On sm_90 the backward's tuning candidates (``bwd_tune_
 bwd_config=tile | "auto")``, see :mod:`.bwd_tuning`) take 64-query steps: pointer tiles at hd 64 and a TMA variant
 of the dK/dV kernel (``USE_TMA``: K/V, Q and dO through device-side tensor descriptors, validity-free masks, dQ by
 TMA reductions) at hd 64 and 128; ``configs`` records their registers under Triton 3.6 and 3.9.
+
+Warp-specialised sm_90 forward (``kernels_ws.py`` + ``configs_ws.py`` + ``launch_ws.py`` + ``aot_ws.py``): one masked
+KV loop ``tl.range(..., warp_specialize=True)`` over 4 warps, Q/K/V by TMA, which Triton's Hopper pass splits into a
+TMA producer and two wgmma consumer warpgroups (docs/warp_specialization.md); a forward tuning candidate on sm_90
+(``fwd_config`` 5th entry 2), never an untuned default.
 """
 from __future__ import annotations
 

@@ -58,7 +58,8 @@ def flash_attention(q, k, v, *, key_padding_mask=None, image_span_ids=None, bidi
     then [T, H*hd] (T = out_index.numel()) with query row (b, i) of head h at ``out[out_index[b, i], h*hd:(h+1)*hd]``
     -- pass a RoutingPlan's ``inv_perm`` to get the attention output straight in routed order (the backward reads
     dO in it too); out_index must be a permutation of range(T) (rows outside it are skipped, never written).
-    ``fwd_config`` may carry a 5th entry 1: load K/V through TMA tensor descriptors (sm_90; see ``tma_usable``).
+    ``fwd_config`` may carry a 5th entry 1: load K/V through TMA tensor descriptors (sm_90; see ``tma_usable``), or 2:
+    the warp-specialised sm_90 forward (``kernels_ws.py``; Q/K/V by TMA, 4 warps).
     ``deterministic``: backward without atomics (two kernels, bitwise repeatable); default the one-pass backward
     (one kernel per key tile computes dK, dV and dQ, dQ accumulated with fp32 atomics). ``bwd_config``: optional
     dK/dV kernel tile (BLOCK_M, BLOCK_N, num_warps, num_stages[, 1 = TMA]) for the backward (one-pass or, with
