@@ -35,6 +35,15 @@ def _config(family, hidden=32, heads=4, kv_heads=2, layers=2, **extra):
 # transformers >= 5.2x renamed past_key_values to cache (the old name warns)
 _CACHE_KW = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters \
     else "past_key_values"
+
+
+def _dynamic_cache(config):
+    """DynamicCache(config=...) (transformers >= 4.56); older versions take no config."""
+    if "config" in inspect.signature(transformers.DynamicCache.__init__).parameters:
+        return transformers.DynamicCache(config=config)
+    return transformers.DynamicCache()
+
+
 _CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 
 
@@ -90,11 +99,11 @@ def test_greedy_generate_identical_with_cache(family, impl_math):
     ref, ours = _pair(family, impl_math)
     ids, am = _left_padded()
     kw = dict(attention_mask=am, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    a = ref.generate(ids, **{_CACHE_KW: transformers.DynamicCache(config=ref.config)}, **kw)
-    b = ours.generate(ids, **{_CACHE_KW: transformers.DynamicCache(config=ours.config)}, **kw)
+    a = ref.generate(ids, **{_CACHE_KW: _dynamic_cache(ref.config)}, **kw)
+    b = ours.generate(ids, **{_CACHE_KW: _dynamic_cache(ours.config)}, **kw)
     assert torch.equal(a, b)
     # the decode steps ran against the cache (Lq=1 < Lk): continue one step by hand and compare logits too
-    cache_a, cache_b = transformers.DynamicCache(config=ref.config), transformers.DynamicCache(config=ours.config)
+    cache_a, cache_b = _dynamic_cache(ref.config), _dynamic_cache(ours.config)
     with torch.no_grad():
         ref(ids, attention_mask=am, use_cache=True, **{_CACHE_KW: cache_a})
         ours(ids, attention_mask=am, use_cache=True, **{_CACHE_KW: cache_b})
@@ -163,8 +172,14 @@ def _spy_varlen(monkeypatch):
 def test_packed_batch_equals_one_by_one(flash_kwargs, impl_math, monkeypatch):
     _, model = _pair("qwen2", impl_math)
     seqs = [torch.randint(1, VOCAB, (n,)).tolist() for n in (5, 1, 7, 3)]
-    batch = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)(
-        [{"input_ids": s} for s in seqs])
+    collator = transformers.DataCollatorWithFlattening
+    if "return_flash_attn_kwargs" in inspect.signature(collator.__init__).parameters:
+        batch = collator(return_flash_attn_kwargs=flash_kwargs)([{"input_ids": s} for s in seqs])
+    else:  # transformers < 4.49: position_ids only; the flash kwargs are what newer collators add
+        batch = collator()([{"input_ids": s} for s in seqs])
+        if flash_kwargs:
+            cu = torch.tensor([0, 5, 6, 13, 16], dtype=torch.int32)
+            batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7, max_length_k=7)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     calls = _spy_varlen(monkeypatch)
     packed = model(**inputs).logits[0]

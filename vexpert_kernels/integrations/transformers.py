@@ -86,6 +86,19 @@ def compress_mask(mask: torch.Tensor):
     return None if bool(keep.all()) else keep.contiguous()
 
 
+def binary_from_additive(mask: torch.Tensor) -> torch.Tensor:
+    """A floating 4-D additive mask whose every entry is 0 (keep) or <= finfo.min / 2 (drop, -inf included) -> the
+    bool keep mask it stands for (what transformers < 4.53 hands a custom backend); any other mask is returned as is
+    (a real bias, e.g. ALiBi, stays additive). Fully masked query rows (left padding) then come out of the kernels
+    as zeros instead of sdpa's uniform average over masked keys: both are padding, never read."""
+    if not isinstance(mask, torch.Tensor) or not mask.is_floating_point() or mask.dim() != 4:
+        return mask
+    drop = mask <= torch.finfo(mask.dtype).min / 2
+    if not bool((drop | (mask == 0)).all()):
+        return mask
+    return ~drop
+
+
 def _mask_function(*args, **kwargs):
     """transformers mask interface: the exact mask, in the form :func:`_attention_forward` serves fastest."""
     from transformers import masking_utils as mu
@@ -173,6 +186,7 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
     four_d = isinstance(mask, torch.Tensor) and mask.dim() == 4
     if four_d:
         mask = mask[..., :Lk]  # a static cache's mask can be longer than the keys handed over (as sdpa does)
+        mask = binary_from_additive(mask)  # transformers < 4.53 hands custom backends eager-style 0/min masks
     if isinstance(mask, torch.Tensor) and not four_d and (mask.dim() != 2 or tuple(mask.shape) != (B, Lk)):
         raise ValueError(f"vexpert attention: attention_mask must be None, bool [B={B}, Lk={Lk}] or 4-D "
                          f"[B, 1|H, Lq, Lk], got shape {tuple(mask.shape)}")
@@ -194,7 +208,8 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
         max_q = _int(kwargs["max_length_q"]) if kwargs.get("max_length_q") is not None else _int(cu_q.diff().max())
         max_k = _int(kwargs["max_length_k"]) if kwargs.get("max_length_k") is not None else _int(cu_k.diff().max())
         if four_d and mask.dtype == torch.bool and Lq == Lk and torch.equal(cu_q, cu_k):
-            if not _mask_is(mask, _segment_causal(cu_q, B, Lq, query.device)):
+            plain = not exact_masks and compress_mask(mask) is None  # < 4.53: the model's mask knows no packing
+            if not plain and not _mask_is(mask, _segment_causal(cu_q, B, Lq, query.device)):
                 raise ValueError("vexpert attention: cu_seq_lens_q/k disagree with the attention mask transformers "
                                  "built (from attention_mask / position_ids)")
         packed = (cu_q, cu_k, max_q, max_k)
@@ -203,7 +218,10 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
         pid = kwargs.get("position_ids")
         if pid is not None and Lq == Lk and Lq > 1 and (mask is None or (four_d and mask.dtype == torch.bool)):
             cu = _cu_from_position_ids(pid, B, Lq)
-            if cu is not None and (mask is None or _mask_is(mask, _segment_causal(cu, B, Lq, query.device))):
+            # transformers < 4.53 (no mask interface) builds a plain causal mask for packed rows; its
+            # flash_attention_2 path splits them by position_ids, and so do we when nothing is padded
+            if cu is not None and (mask is None or _mask_is(mask, _segment_causal(cu, B, Lq, query.device))
+                                   or (not exact_masks and compress_mask(mask) is None)):
                 m = _int(cu.diff().max())
                 packed = (cu, cu, m, m)
 
@@ -239,12 +257,36 @@ def attention_function(backend: str = "auto", *, exact_masks: bool = True):
     return fn
 
 
+def _attention_registry(transformers):
+    """``fn(name, attention)`` registering an attention function with this transformers version:
+    ``AttentionInterface.register`` (>= 4.50) or the plain ``ALL_ATTENTION_FUNCTIONS`` dict (4.48, 4.49), which
+    ``from_pretrained(attn_implementation=...)`` and the model code read in those versions."""
+    interface = getattr(transformers, "AttentionInterface", None)
+    if interface is None:
+        try:
+            from transformers.modeling_utils import AttentionInterface as interface
+        except ImportError:
+            interface = None
+    if interface is not None:
+        return interface.register
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    except ImportError:
+        ALL_ATTENTION_FUNCTIONS = None
+    if isinstance(ALL_ATTENTION_FUNCTIONS, dict):
+        return ALL_ATTENTION_FUNCTIONS.__setitem__
+    raise ImportError(f"attn_implementation='vexpert' needs transformers >= 4.48 (AttentionInterface or "
+                      f"ALL_ATTENTION_FUNCTIONS); found transformers {transformers.__version__}: "
+                      "pip install 'transformers>=4.48'")
+
+
 def register(name: str = DEFAULT_NAME, *, backend: str = "auto") -> str:
     """Register ``attn_implementation=name`` with transformers (attention AND mask function); returns ``name``.
 
     ``backend`` is the :func:`vexpert_kernels.ops.mixed_attention` backend to prefer ("auto", "triton", "sdpa",
     "flex", "math", ...); a call it cannot serve (head dim, dtype, device) falls back to "auto" with a log line.
-    Raises ImportError when transformers is missing or too old (< 4.48, no ``AttentionInterface``).
+    Raises ImportError when transformers is missing or too old (< 4.48: neither ``AttentionInterface`` nor
+    ``ALL_ATTENTION_FUNCTIONS``).
     """
     if not isinstance(name, str) or not name or name in ("eager", "sdpa", "flex_attention") \
             or name.startswith("flash_attention") or name.startswith("paged"):
@@ -256,13 +298,7 @@ def register(name: str = DEFAULT_NAME, *, backend: str = "auto") -> str:
     except ImportError as exc:
         raise ImportError("vexpert_kernels.integrations.transformers.register() needs transformers "
                           "(pip install 'transformers>=4.48')") from exc
-    interface = getattr(transformers, "AttentionInterface", None)
-    if interface is None:
-        try:
-            from transformers.modeling_utils import AttentionInterface as interface
-        except ImportError as exc:
-            raise ImportError(f"transformers {transformers.__version__} has no AttentionInterface (needs >= 4.48)") \
-                from exc
+    register_attention = _attention_registry(transformers)
     try:
         from transformers.masking_utils import AttentionMaskInterface
     except ImportError:
@@ -272,8 +308,8 @@ def register(name: str = DEFAULT_NAME, *, backend: str = "auto") -> str:
     else:  # transformers < 4.53: models build sdpa/eager-style masks themselves; 4-D masks are served exactly
         log.warning("transformers %s has no AttentionMaskInterface: masks come from the model's own code",
                     transformers.__version__)
-    interface.register(name, attention_function(backend, exact_masks=AttentionMaskInterface is not None))
+    register_attention(name, attention_function(backend, exact_masks=AttentionMaskInterface is not None))
     return name
 
 
-__all__ = ["register", "attention_function", "compress_mask", "DEFAULT_NAME"]
+__all__ = ["register", "attention_function", "compress_mask", "binary_from_additive", "DEFAULT_NAME"]
