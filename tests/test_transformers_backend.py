@@ -297,3 +297,76 @@ def test_import_without_transformers_and_clear_register_error():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "ImportError" in r.stdout and "transformers" in r.stdout
+
+
+def _fake_transformers(monkeypatch, version, **modeling_utils_attrs):
+    """Stand-in ``transformers`` package of an older version (only what register() looks at)."""
+    import types
+
+    pkg = types.ModuleType("transformers")
+    pkg.__version__ = version
+    pkg.__path__ = []
+    mu = types.ModuleType("transformers.modeling_utils")
+    for k, v in modeling_utils_attrs.items():
+        setattr(mu, k, v)
+    pkg.modeling_utils = mu
+    monkeypatch.setitem(sys.modules, "transformers", pkg)
+    monkeypatch.setitem(sys.modules, "transformers.modeling_utils", mu)
+    monkeypatch.setitem(sys.modules, "transformers.masking_utils", None)  # < 4.53: no mask interface
+
+
+def test_register_on_transformers_without_attention_interface(monkeypatch):
+    """4.48/4.49 style: no AttentionInterface, a plain ALL_ATTENTION_FUNCTIONS dict; no mask interface, so the
+    registered function serves the model's own 4-D masks (exact_masks=False)."""
+    table = {"sdpa": object()}
+    _fake_transformers(monkeypatch, "4.48.3", ALL_ATTENTION_FUNCTIONS=table)
+    assert register("vexpert_old", backend="math") == "vexpert_old"
+    fn = table["vexpert_old"]
+    assert fn.keywords == {"backend": "math", "exact_masks": False}
+
+
+def test_register_on_too_old_transformers_names_the_version(monkeypatch):
+    _fake_transformers(monkeypatch, "4.46.0")
+    with pytest.raises(ImportError, match=r"transformers >= 4\.48.*4\.46\.0"):
+        register("vexpert_too_old")
+
+
+def test_binary_from_additive():
+    from vexpert_kernels.integrations.transformers import binary_from_additive
+
+    keep = torch.ones(2, 1, 3, 5, dtype=torch.bool).tril(2)
+    keep[0, ..., 0] = False
+    for dtype in (torch.float32, torch.bfloat16):
+        add = torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
+        assert torch.equal(binary_from_additive(add), keep)
+        add[1, 0, 0, 4] = float("-inf")  # min + min overflows to -inf in some model code: still "drop"
+        assert binary_from_additive(add)[1, 0, 0, 4].item() is False
+    alibi = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    alibi[..., 1] = -0.5  # a real bias stays additive
+    assert binary_from_additive(alibi) is alibi
+
+
+@pytest.mark.parametrize("how", ["position_ids", "cu_seq_lens"])
+def test_packed_rows_under_a_plain_causal_mask_without_mask_interface(how):
+    """transformers < 4.53 hands a plain causal (0/min) mask for packed rows; like its flash_attention_2 path we
+    split them by position_ids / cu_seq_lens. With the mask interface (exact_masks=True) such a mask is obeyed."""
+    old, new = attention_function("math", exact_masks=False), attention_function("math")
+    q, k, v = _qkv(L=6)
+    causal = torch.zeros(1, 1, 6, 6).masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), torch.finfo().min)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    kw = dict(scaling=0.25)
+    if how == "position_ids":
+        kw["position_ids"] = torch.tensor([[0, 1, 0, 1, 2, 3]])
+    else:
+        kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=4, max_length_k=4)
+    out, _ = old(_Mod(), q, k, v, causal, **kw)
+    for a, b in ((0, 2), (2, 6)):
+        alone, _ = old(_Mod(), q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None, scaling=0.25)
+        assert (out[:, a:b] - alone).abs().max() < 1e-6
+    if how == "position_ids":
+        whole, _ = new(_Mod(), q, k, v, causal, **kw)
+        plain, _ = new(_Mod(), q, k, v, None, scaling=0.25)
+        assert (whole - plain).abs().max() < 1e-6 and (whole[:, 2:] - out[:, 2:]).abs().max() > 1e-3
+    else:
+        with pytest.raises(ValueError, match="disagree"):
+            new(_Mod(), q, k, v, causal > -1, **kw)

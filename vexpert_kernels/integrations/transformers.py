@@ -6,7 +6,8 @@
 
 This module imports nothing from transformers until :func:`register` is called.
 
-What is registered (transformers >= 4.48 for the attention function, >= 4.53 for the mask function):
+What is registered (transformers >= 4.48 for the attention function — ``AttentionInterface`` from 4.50, the plain
+``ALL_ATTENTION_FUNCTIONS`` dict in 4.48/4.49 — and >= 4.53 for the mask function; tested: 4.48.3, 4.57.6, 5.x):
 
 * an **attention function** (``AttentionInterface``): receives q [B, H, Lq, hd], k/v [B, KV, Lk, hd] (GQA: K/V are
   never repeated) and returns ``(out [B, Lq, H, hd], None)``; it calls :func:`vexpert_kernels.ops.mixed_attention`
@@ -21,6 +22,11 @@ What is registered (transformers >= 4.48 for the attention function, >= 4.53 for
       bool [B,1,Lq,Lk] anything else (sliding window that cuts, packed rows, static cache, model overlays): the
                        mask sdpa would get. Packed rows whose mask is block-diagonal causal go to
                        mixed_attention_varlen; any other 4-D mask is served exactly as an additive bias (sdpa/math).
+
+transformers 4.48 - 4.52 (no mask interface): the model builds an eager-style 4-D additive mask itself (0 keep,
+finfo.min drop); it is read back as the bool mask it stands for and served as above. Packed rows then come with a
+plain causal mask, so, as transformers' own flash_attention_2 path does, restarting ``position_ids`` or
+``cu_seq_lens_*`` split an unpadded row into sequences.
 
 Packed / padding-free batches (``DataCollatorWithFlattening``): ``cu_seq_lens_q/k`` + ``max_length_q/k`` kwargs are
 used as given; otherwise ``position_ids`` that restart inside a row split it into sequences. Sequences never attend
@@ -275,9 +281,9 @@ def _attention_registry(transformers):
         ALL_ATTENTION_FUNCTIONS = None
     if isinstance(ALL_ATTENTION_FUNCTIONS, dict):
         return ALL_ATTENTION_FUNCTIONS.__setitem__
-    raise ImportError(f"attn_implementation='vexpert' needs transformers >= 4.48 (AttentionInterface or "
+    raise ImportError(f"attn_implementation='vexpert' needs transformers >= 4.48.3 (AttentionInterface or "
                       f"ALL_ATTENTION_FUNCTIONS); found transformers {transformers.__version__}: "
-                      "pip install 'transformers>=4.48'")
+                      "pip install 'transformers>=4.48.3'")
 
 
 def register(name: str = DEFAULT_NAME, *, backend: str = "auto") -> str:
@@ -297,7 +303,7 @@ def register(name: str = DEFAULT_NAME, *, backend: str = "auto") -> str:
         import transformers
     except ImportError as exc:
         raise ImportError("vexpert_kernels.integrations.transformers.register() needs transformers "
-                          "(pip install 'transformers>=4.48')") from exc
+                          "(pip install 'transformers>=4.48.3')") from exc
     register_attention = _attention_registry(transformers)
     try:
         from transformers.masking_utils import AttentionMaskInterface
