@@ -81,4 +81,4 @@ def test_compile_report_section_from_json(tmp_path):
     assert report.main(["report", "--no-results", "--readme", str(readme), "--compile-report", str(js)]) == 0
     text = readme.read_text()
     assert "<!-- BEGIN compile-report -->" in text and "bench-results" not in text
-    assert "| gemm[128x128] | sm_90a | 8/3 | 168 | 0 | 64.0 | yes | no | yes (expected) | ok |" in text
+    assert "| gemm[128x128] | sm_90a | 8/3 | 168 | 0 | 64.0 | yes | no | yes (expected) | - | ok |" in text

@@ -55,11 +55,15 @@ def _worker(rank, world, init_file, mode, out_dir):
             grads = full_grads(model)
         if rank == 0:
             torch.save({"loss": loss_avg, "grads": grads}, os.path.join(out_dir, f"{mode}.pt"))
-        # both ranks reach teardown together: a rank that destroys its gloo group while the peer still holds the
-        # connection can abort the peer ("terminate called without an active exception", seen once in CI under load)
+        # both ranks are past every collective here
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Success: leave without the C++ teardown of gloo / FSDP threads. Under CI load that teardown aborted a rank
+    # twice ("terminate called without an active exception", SIGABRT), even with the barrier above. The results
+    # are on disk and every collective has completed, so nothing is lost by skipping it.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
