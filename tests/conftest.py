@@ -63,3 +63,36 @@ def fp32_highest():
     torch.set_float32_matmul_precision("highest")
     yield
     torch.set_float32_matmul_precision(prev)
+
+
+# ------------------------------------------------------------------------------------ sm_90a compiles in a child
+# The test process runs under TRITON_INTERPRET=1 (its kernels are InterpretedFunctions), so AOT compiles happen in a
+# child process: ``specs_src`` defines ``specs(payload) -> [CompileSpec]``; each is compiled for sm_90a by
+# ``compile_report.compile_spec(..., sass=True)`` (the report's own compile path, SASS counts included).
+SMEM_LIMIT_SM90 = 232448  # 227 KiB: the most dynamic shared memory one sm_90 CTA may use
+_SM90_CHILD = r"""
+import json, sys
+from vexpert_kernels import compile_report as cr
+ns = {}
+exec(sys.argv[1], ns)
+for spec in ns["specs"](json.loads(sys.argv[2])):
+    print(json.dumps(cr.compile_spec(spec, 90, sass=True).to_dict()), flush=True)
+"""
+
+
+def compile_sm90_in_child(specs_src: str, payload) -> list:
+    """CompileResult dicts (``compile_report``) of the specs ``specs_src`` builds from ``payload``; every one must
+    have compiled."""
+    import json
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    out = subprocess.run([sys.executable, "-c", _SM90_CHILD, specs_src, json.dumps(payload)], capture_output=True,
+                         text=True, env=env, timeout=900, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    for r in rows:
+        assert r["ok"], f"{r['name']}: {r['error']}"
+    return rows

@@ -13,10 +13,6 @@
 * When the dispatcher offers the candidate: sm_90 with the Hopper pass, TMA-addressable tensors, not decode lengths
   (and sequences < 2**16 queries with image spans).
 """
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,12 +22,10 @@ from vexpert_kernels.ops.flash_attention import flash_attention
 from vexpert_kernels.ops.flash_attention import launch as fa_launch
 from vexpert_kernels.ops.flash_attention.configs_ws import _WS_FWD_CONFIGS, WS_FWD, ws_fwd_tune_configs
 from vexpert_kernels.testing import rel_err
-from conftest import DEVICE, HAS_CUDA
+from conftest import DEVICE, HAS_CUDA, SMEM_LIMIT_SM90, compile_sm90_in_child
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMEM_LIMIT = 232448  # 227 KiB: the most dynamic shared memory one sm_90 CTA may use
 
 
 def _version(v):
@@ -264,36 +258,11 @@ def test_ws_routed_output_order():
 
 
 # ----------------------------------------------------------------------------------------------- sm_90a compiles
-_PROBE = r"""
-import json, os, re, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from vexpert_kernels import compile_report as cr
+_SPECS = r"""
 from vexpert_kernels.ops.flash_attention import aot_ws
-for tile, hd, variant in json.loads(sys.argv[1]):
-    spec = aot_ws.ws_fwd_spec(tuple(tile), "bf16", hd, tuple(variant))
-    sig = cr._full_signature(spec.fn, spec)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(sig.items())
-             if t.startswith("*") or n in spec.extra.get("divisible_by_16", ())}
-    k = triton.compile(ASTSource(fn=spec.fn, signature=sig, constexprs=dict(spec.constexprs), attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(k.asm["cubin"])
-    try:
-        sass = subprocess.run([cr._cuobjdump_path(), "--dump-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
-        usage = subprocess.run([cr._cuobjdump_path(), "--dump-resource-usage", f.name], capture_output=True,
-                               text=True, check=True).stdout
-    finally:
-        os.unlink(f.name)
-    res = cr.parse_resource_usage(usage, k.metadata.name)
-    print(json.dumps({"name": spec.name, "ws": cr.ttgir_warp_specialized(k.asm["ttgir"]),
-                      "setmaxreg": len(re.findall(r"\bUSETMAXREG\b", sass)), "warps": k.metadata.num_warps,
-                      "shared": int(k.metadata.shared), "stack": res["stack"], "local": res["local"],
-                      "wgmma": "wgmma.mma_async" in k.asm["ptx"], "hgmma": sass.count("HGMMA"),
-                      "utmaldg": sass.count("UTMALDG")}), flush=True)
+
+def specs(jobs):
+    return [aot_ws.ws_fwd_spec(tuple(tile), "bf16", hd, tuple(variant)) for tile, hd, variant in jobs]
 """
 
 
@@ -317,16 +286,11 @@ def test_ws_configs_are_warp_specialised_on_sm90():
     # per tile: the variant with the most live state of its mask kind (routed GQA / padding + image spans)
     jobs = [(tile, hd, WS_VARIANTS[masked][0 if masked else 1]) for (hd, masked), tiles in
             sorted(_WS_FWD_CONFIGS.items()) for tile in tiles]
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    env["PYTHONPATH"] = os.pathsep.join([ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    res = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(jobs)], capture_output=True, text=True, env=env,
-                         timeout=900, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    rows = compile_sm90_in_child(_SPECS, jobs)
     assert len(rows) == len(jobs)
     for r in rows:
         assert r["ws"], f"{r['name']}: Triton {TRITON_VERSION} did not split it (no ttg.warp_specialize)"
-        assert r["warps"] == 12 and r["setmaxreg"] > 0, f"{r['name']}: expected 3 warpgroups + setmaxnreg: {r}"
+        assert r["launch_warps"] == 12 and r["setmaxreg"] > 0, f"{r['name']}: expected 3 warpgroups + setmaxnreg: {r}"
         assert r["wgmma"] and r["hgmma"] > 0 and r["utmaldg"] > 0, f"{r['name']}: lost wgmma / TMA loads: {r}"
-        assert r["stack"] == 0 and r["local"] == 0, f"{r['name']} spills: {r}"
-        assert r["shared"] <= SMEM_LIMIT, f"{r['name']}: {r['shared']} B shared memory > 227 KiB"
+        assert r["stack_bytes"] == 0 and r["local_bytes"] == 0, f"{r['name']} spills: {r}"
+        assert r["shared_bytes"] <= SMEM_LIMIT_SM90, f"{r['name']}: {r['shared_bytes']} B shared memory > 227 KiB"

@@ -10,15 +10,13 @@
 * Interpreter numerics (Triton >= 3.9) of the kernels with ``warp_specialize=True, flatten=False``: the launch path
   of a ``:ws`` config (the interpreter ignores the hint; the GPU numerics are the autotuner's check).
 """
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from vexpert_kernels._triton_compat import HAS_TRITON, TRITON_VERSION
+from conftest import SMEM_LIMIT_SM90, compile_sm90_in_child
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
 
@@ -28,8 +26,6 @@ if HAS_TRITON:
                                                grouped_wgrad_sm90)
     from vexpert_kernels.ops.gemm_sm90.configs import SM90Config, hopper_ws_pass_available
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMEM_LIMIT = 232448  # 227 KiB: the most dynamic shared memory one sm_90 CTA may use
 
 
 def _version(v):
@@ -54,51 +50,22 @@ def test_ws_configs_follow_the_gate():
 
 
 # ----------------------------------------------------------------------------------------------- sm_90a compiles
-_PROBE = r"""
-import json, os, re, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from vexpert_kernels import compile_report as cr
+_SPECS = r"""
 from vexpert_kernels.ops.gemm_sm90 import aot
 from vexpert_kernels.ops.gemm_sm90.configs import SM90Config
-for kind, args in json.loads(sys.argv[1]):
-    cfg = SM90Config(**args)
-    spec = {"gemm": lambda: aot.gemm_spec(cfg, aot.GEMM_VARIANTS[3]), "wgrad": lambda: aot.wgrad_spec(cfg),
-            "swiglu": lambda: aot.swiglu_spec(cfg)}[kind]()
-    sig = cr._full_signature(spec.fn, spec)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(sig.items())
-             if t.startswith("*") or n in spec.extra.get("divisible_by_16", ())}
-    k = triton.compile(ASTSource(fn=spec.fn, signature=sig, constexprs=dict(spec.constexprs), attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(k.asm["cubin"])
-    try:
-        sass = subprocess.run([cr._cuobjdump_path(), "--dump-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
-        usage = subprocess.run([cr._cuobjdump_path(), "--dump-resource-usage", f.name], capture_output=True,
-                               text=True, check=True).stdout
-    finally:
-        os.unlink(f.name)
-    res = cr.parse_resource_usage(usage, k.metadata.name)
-    print(json.dumps({"kind": kind, "name": spec.name, "ws": cr.ttgir_warp_specialized(k.asm["ttgir"]),
-                      "setmaxreg": len(re.findall(r"\bUSETMAXREG\b", sass)), "warps": k.metadata.num_warps,
-                      "shared": int(k.metadata.shared), "stack": res["stack"], "local": res["local"],
-                      "hgmma": sass.count("HGMMA"), "utmaldg": sass.count("UTMALDG")}), flush=True)
+
+def specs(jobs):
+    build = {"gemm": lambda c: aot.gemm_spec(c, aot.GEMM_VARIANTS[3]), "wgrad": aot.wgrad_spec,
+             "swiglu": aot.swiglu_spec}
+    return [build[kind](SM90Config(**args)) for kind, args in jobs]
 """
 
 
 def _compile(jobs):
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    env["PYTHONPATH"] = os.pathsep.join([ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    payload = json.dumps([(k, dict(block_m=c.block_m, block_n=c.block_n, block_k=c.block_k, num_warps=c.num_warps,
-                                   num_stages=c.num_stages, group_m=c.group_m, epi_split=c.epi_split,
-                                   warp_specialize=c.warp_specialize, flatten=c.flatten)) for k, c in jobs])
-    out = subprocess.run([sys.executable, "-c", _PROBE, payload], capture_output=True, text=True, env=env,
-                         timeout=900, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return compile_sm90_in_child(_SPECS, [(k, dict(block_m=c.block_m, block_n=c.block_n, block_k=c.block_k,
+                                                   num_warps=c.num_warps, num_stages=c.num_stages, group_m=c.group_m,
+                                                   epi_split=c.epi_split, warp_specialize=c.warp_specialize,
+                                                   flatten=c.flatten)) for k, c in jobs])
 
 
 # the same 128x128 tile asking for warp specialisation in the two forms Triton 3.6 / 3.9 ignore
@@ -116,17 +83,17 @@ def compiled():
 def test_ws_configs_are_warp_specialised_on_sm90(compiled):
     for r in compiled[0]:
         assert r["ws"], f"{r['name']}: Triton {TRITON_VERSION} did not split it (no ttg.warp_specialize)"
-        assert r["warps"] == 12 and r["setmaxreg"] > 0, f"{r['name']}: expected 3 warpgroups + setmaxnreg: {r}"
+        assert r["launch_warps"] == 12 and r["setmaxreg"] > 0, f"{r['name']}: expected 3 warpgroups + setmaxnreg: {r}"
         assert r["hgmma"] > 0 and r["utmaldg"] > 0, f"{r['name']}: lost wgmma / TMA loads: {r}"
-        assert r["stack"] == 0 and r["local"] == 0, f"{r['name']} spills: {r}"
-        assert r["shared"] <= SMEM_LIMIT, f"{r['name']}: {r['shared']} B shared memory > 227 KiB"
+        assert r["stack_bytes"] == 0 and r["local_bytes"] == 0, f"{r['name']} spills: {r}"
+        assert r["shared_bytes"] <= SMEM_LIMIT_SM90, f"{r['name']}: {r['shared_bytes']} B shared memory > 227 KiB"
 
 
 def test_observed_gate_num_warps_4_and_no_flatten(compiled):
     """Pins Triton 3.6 / 3.9 behaviour (docs/warp_specialization.md): a failure here means this Triton now
     warp-specialises 8-warp or flattened loops on sm_90 -- update the doc and consider more :ws configs."""
     for r in compiled[1]:
-        assert not r["ws"] and r["setmaxreg"] == 0 and r["warps"] in (4, 8), (
+        assert not r["ws"] and r["setmaxreg"] == 0 and r["launch_warps"] in (4, 8), (
             f"Triton {TRITON_VERSION} (observed gate pinned for 3.6/3.9) now warp-specialises {r['name']}: {r}")
 
 

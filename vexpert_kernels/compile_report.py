@@ -68,6 +68,12 @@ class CompileResult:
     expects_ws: bool = False                   # the spec asks for it (constexpr WARP_SPEC true)
     compile_s: Optional[float] = None
     triton_version: Optional[str] = None
+    # filled by compile_spec(..., sass=True) only: counts in the SASS and the warps the launch really uses
+    # (a warp-specialised kernel runs 3 warpgroups whatever num_warps asked for)
+    launch_warps: Optional[int] = None
+    setmaxreg: Optional[int] = None           # USETMAXREG: warpgroups re-balancing registers (warp specialisation)
+    hgmma: Optional[int] = None               # wgmma instructions
+    utmaldg: Optional[int] = None             # TMA loads
     constexprs: dict = field(default_factory=dict)
 
     @property
@@ -181,8 +187,9 @@ def _full_signature(fn, spec) -> dict:
     return sig
 
 
-def compile_spec(spec, arch: int, module: str = "", index: int = 0) -> CompileResult:
-    """Compile one spec for one compute capability (in this process; needs TRITON_INTERPRET off)."""
+def compile_spec(spec, arch: int, module: str = "", index: int = 0, sass: bool = False) -> CompileResult:
+    """Compile one spec for one compute capability (in this process; needs TRITON_INTERPRET off). ``sass``: also
+    dump the SASS and count what the warp-specialisation tests check (launch warps, USETMAXREG, HGMMA, UTMALDG)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -215,6 +222,12 @@ def compile_spec(spec, arch: int, module: str = "", index: int = 0) -> CompileRe
         try:
             out = subprocess.run([_cuobjdump_path(), "--dump-resource-usage", path], capture_output=True,
                                  text=True, timeout=120)
+            if sass:
+                code = subprocess.run([_cuobjdump_path(), "--dump-sass", path], capture_output=True, text=True,
+                                      timeout=120, check=True).stdout
+                res.launch_warps = int(kernel.metadata.num_warps)
+                res.setmaxreg = len(re.findall(r"\bUSETMAXREG\b", code))
+                res.hgmma, res.utmaldg = code.count("HGMMA"), code.count("UTMALDG")
         finally:
             os.unlink(path)
         if out.returncode != 0:

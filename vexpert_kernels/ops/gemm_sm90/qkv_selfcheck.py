@@ -10,8 +10,6 @@ here runs in the test-suite.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
 import torch
@@ -19,18 +17,10 @@ import torch
 from .configs import INTERP_CONFIGS, INTERP_WGRAD_CONFIGS, SM90_CONFIGS, SM90_WGRAD_CONFIGS, qkv_config_reason
 from .launch import grouped_gemm_sm90, grouped_wgrad_sm90
 from .qkv import grouped_qkv_rope_sm90, qkv_sm90_configs
+from .selfcheck import _bench, _rel, cli
 
 # (name, H, KV, vision bias, language bias)
 QKV_SHAPES = [("cogvlm-17b", 32, 32, True, True), ("cogvlm2-19b", 32, 8, True, False)]
-
-
-def _bench(fn):
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def run(T=8192, n_v=4908, B=4, K=4096, hd=128, quick=False, dt=torch.bfloat16, device="cuda"):
@@ -89,21 +79,7 @@ def run(T=8192, n_v=4908, B=4, K=4096, hd=128, quick=False, dt=torch.bfloat16, d
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="one shape")
-    ap.add_argument("--json", help="write the rows here")
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs CUDA", file=sys.stderr)
-        return 2
-    torch.manual_seed(0)
-    rows = run(quick=args.quick)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
-    bad = [r for r in rows if not r["rel_err"] < 2e-2]
-    print(f"{len(rows)} rows, {len(bad)} with rel_err >= 2e-2 (or NaN)")
-    return 1 if bad else 0
+    return cli(run, __doc__.splitlines()[0], "one shape", argv)
 
 
 if __name__ == "__main__":

@@ -86,22 +86,28 @@ def run(T=8192, n_v=4908, quick=False, dt=torch.bfloat16):
     return rows
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="two configs, one shape per op")
+def cli(run_rows, description: str, quick_help: str, argv=None) -> int:
+    """The self-check CLIs' shared main: ``--quick`` / ``--json``, rows from ``run_rows(quick=)``; exit 1 when a
+    row's rel_err is >= 2e-2 or NaN, 2 without CUDA."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--quick", action="store_true", help=quick_help)
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs CUDA", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    rows = run(quick=args.quick)
+    rows = run_rows(quick=args.quick)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
     bad = [r for r in rows if not r["rel_err"] < 2e-2]
     print(f"{len(rows)} rows, {len(bad)} with rel_err >= 2e-2 (or NaN)")
     return 1 if bad else 0
+
+
+def main(argv=None) -> int:
+    return cli(run, __doc__.splitlines()[0], "two configs, one shape per op", argv)
 
 
 if __name__ == "__main__":

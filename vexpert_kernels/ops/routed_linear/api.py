@@ -133,6 +133,15 @@ def _dense(t):
     return t if t is None or t.stride(-1) == 1 or t.numel() <= 1 else t.contiguous()
 
 
+def _check_gate_up(x, gate_vision, up_vision, gate_language, up_language):
+    """-> (I, K, (gv, uv, gl, ul)): the four SwiGLU [I, K] weights checked against x [T, K] and each other."""
+    I, K = _weight_shape(gate_vision, "gate_vision")
+    if K != x.shape[1]:
+        raise ValueError(f"gate_vision must have shape [I, K={x.shape[1]}] to match x, got {tuple(gate_vision.shape)}")
+    return I, K, _check_weights([("gate_vision", gate_vision), ("up_vision", up_vision),
+                                 ("gate_language", gate_language), ("up_language", up_language)], I, K, x)
+
+
 def _check_x_plan(x, plan):
     check_tensor("x", x, dims=(2,), dtypes=_DTYPES)
     if not hasattr(plan, "expert_offsets") or not hasattr(plan, "perm"):
@@ -214,11 +223,7 @@ def routed_swiglu(x, gate_vision, up_vision, gate_language, up_language, plan, *
     Returns: [T, I] in x.dtype. The Triton kernel computes gate and up tiles from the same X tile (two accumulators).
     """
     x = _check_x_plan(x, plan)
-    I, K = _weight_shape(gate_vision, "gate_vision")
-    if K != x.shape[1]:
-        raise ValueError(f"gate_vision must have shape [I, K={x.shape[1]}] to match x, got {tuple(gate_vision.shape)}")
-    gv, uv, gl, ul = _check_weights([("gate_vision", gate_vision), ("up_vision", up_vision),
-                                     ("gate_language", gate_language), ("up_language", up_language)], I, K, x)
+    I, K, (gv, uv, gl, ul) = _check_gate_up(x, gate_vision, up_vision, gate_language, up_language)
     if not isinstance(recompute, bool):
         raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
     be = select_backend(backend, x, "swiglu", I, K)
@@ -320,11 +325,7 @@ def routed_swiglu_mlp(x, gate_vision, up_vision, down_vision, gate_language, up_
     Returns: [T, D] in x.dtype, routed order. Raises TypeError/ValueError naming the argument on bad input.
     """
     x = _check_x_plan(x, plan)
-    I, K = _weight_shape(gate_vision, "gate_vision")
-    if K != x.shape[1]:
-        raise ValueError(f"gate_vision must have shape [I, K={x.shape[1]}] to match x, got {tuple(gate_vision.shape)}")
-    gv, uv, gl, ul = _check_weights([("gate_vision", gate_vision), ("up_vision", up_vision),
-                                     ("gate_language", gate_language), ("up_language", up_language)], I, K, x)
+    I, K, (gv, uv, gl, ul) = _check_gate_up(x, gate_vision, up_vision, gate_language, up_language)
     D, I2 = _weight_shape(down_vision, "down_vision")
     if I2 != I:
         raise ValueError(f"down_vision must have shape [D, I={I}] (I = gate_vision's rows), got "
