@@ -96,3 +96,14 @@ def compile_sm90_in_child(specs_src: str, payload) -> list:
     for r in rows:
         assert r["ok"], f"{r['name']}: {r['error']}"
     return rows
+
+
+def tma_runnable() -> bool:
+    """Can tensor-descriptor (TMA) kernels run here? CUDA: an sm_90 GPU and Triton's descriptor API; CPU: the
+    interpreter runs descriptors from Triton 3.9 on."""
+    from vexpert_kernels._triton_compat import HAS_TRITON, triton
+    if not HAS_TRITON or not hasattr(triton, "set_allocator"):
+        return False
+    if HAS_CUDA:
+        return torch.cuda.get_device_capability()[0] == 9 and hasattr(triton.language, "make_tensor_descriptor")
+    return tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9)

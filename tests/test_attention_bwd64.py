@@ -9,30 +9,18 @@ import os
 import pytest
 import torch
 
-from vexpert_kernels._triton_compat import HAS_TRITON, triton
+from vexpert_kernels._triton_compat import HAS_TRITON
 from vexpert_kernels.ops import mixed_attention, mixed_attention_varlen
 from vexpert_kernels.ops.flash_attention import configs as fa_configs
 from vexpert_kernels.ops.flash_attention import flash_attention
 from vexpert_kernels.ops.flash_attention import launch as fa_launch
 from vexpert_kernels.testing import rel_err
-from conftest import DEVICE, HAS_CUDA
+from conftest import DEVICE, HAS_CUDA, tma_runnable
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
 
 
-def _triton_version():
-    return tuple(int(x) for x in triton.__version__.split(".")[:2]) if HAS_TRITON else (0, 0)
-
-
-def _tma_runnable():
-    if not HAS_TRITON or not hasattr(triton, "set_allocator"):
-        return False
-    if HAS_CUDA:
-        return torch.cuda.get_device_capability()[0] == 9 and hasattr(triton.language, "make_tensor_descriptor")
-    return _triton_version() >= (3, 9)
-
-
-needs_tma = pytest.mark.skipif(not _tma_runnable(), reason="TMA backward needs sm_90 on CUDA; the Triton "
+needs_tma = pytest.mark.skipif(not tma_runnable(), reason="TMA backward needs sm_90 on CUDA; the Triton "
                                "interpreter runs tensor descriptors from 3.9 on")
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
 TOL = 1e-5 if DTYPE == torch.float32 else 2e-2
@@ -152,7 +140,7 @@ REAL_TILES = sorted({c[:2] + (8, 2) + tuple(c[4:]) for cs in fa_configs._BWD64_C
 @pytest.mark.parametrize("cfg", REAL_TILES, ids=lambda c: "x".join(map(str, c)))
 def test_real_64_query_tiles_match_float64(cfg):
     """64 queries per step over 64/128 keys: two query steps and 1-2 key tiles per (batch row, kv head)."""
-    if len(cfg) == 5 and not _tma_runnable():
+    if len(cfg) == 5 and not tma_runnable():
         pytest.skip("TMA backward needs sm_90 on CUDA / the Triton >= 3.9 interpreter")
     case = "padded_bidir" if cfg[1] == 64 else "causal_gqa_offset"
     _check_grads(case, cfg, False, torch.Generator().manual_seed(13), Lq=70, Lk=75)

@@ -5,29 +5,16 @@ CUDA tensors (bf16, sm_90 only) instead of the interpreter."""
 import pytest
 import torch
 
-from vexpert_kernels._triton_compat import HAS_TRITON, triton
+from vexpert_kernels._triton_compat import triton
 from vexpert_kernels.ops import mixed_attention
 from vexpert_kernels.ops.flash_attention import configs as fa_configs
 from vexpert_kernels.ops.flash_attention import flash_attention, tma_usable
 from vexpert_kernels.ops.flash_attention import launch as fa_launch
 from vexpert_kernels.testing import rel_err
-from conftest import DEVICE, HAS_CUDA
+from conftest import DEVICE, HAS_CUDA, tma_runnable
 
 
-def _triton_version():
-    return tuple(int(x) for x in triton.__version__.split(".")[:2]) if HAS_TRITON else (0, 0)
-
-
-def _tma_runnable():
-    """CUDA: an sm_90 GPU and Triton's tensor-descriptor API; CPU: the interpreter runs descriptors from 3.9 on."""
-    if not HAS_TRITON or not hasattr(triton, "set_allocator"):
-        return False
-    if HAS_CUDA:
-        return torch.cuda.get_device_capability()[0] == 9 and hasattr(triton.language, "make_tensor_descriptor")
-    return _triton_version() >= (3, 9)
-
-
-needs_tma_interpreter = pytest.mark.skipif(not _tma_runnable(), reason="TMA forward needs sm_90 on CUDA; the Triton "
+needs_tma_interpreter = pytest.mark.skipif(not tma_runnable(), reason="TMA forward needs sm_90 on CUDA; the Triton "
                                            "interpreter runs tensor descriptors from 3.9 on")
 TMA_TILE = (16, 16, 4, 1, 1)
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32  # our CUDA attention takes fp16/bf16; fp32 only interpreted
